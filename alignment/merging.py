@@ -1,0 +1,538 @@
+"""The Online Merging Optimizer: OnDARE and OnTIES as a drop-in ``torch.optim.Optimizer``.
+
+Paper: Lu et al. 2024, "Online Merging Optimizers for Boosting Rewards and Mitigating Tax in Alignment",
+arXiv:2405.17931 (used in Qwen2's RLHF stage). Instead of merging models once after training, every optimizer
+step merges the AdamW update with the task vector of the SFT model, which keeps the policy close to what SFT
+learnt (less alignment tax) while it follows the reward.
+
+Notation: theta_b the pretrained base weights, theta_r the reference (SFT) weights, tau = theta_r - theta_b,
+p the reserve (keep) rate ``reserve_p``, alpha the merge weight, Delta_t the AdamW update of step t.
+
+Each step t, per parameter tensor:
+
+1. Delta_t is computed exactly as ``torch.optim.AdamW`` computes it (same moments, bias correction and eps
+   placement)::
+
+       m = beta1 m + (1 - beta1) g          v = beta2 v + (1 - beta2) g^2
+       Delta_t = -lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+   Weight decay is decoupled, as in AdamW: theta <- theta * (1 - lr * weight_decay) before the update. It is
+   applied to theta directly and is never dropped, trimmed or sign-elected (it is a pull on the weights, not
+   an update direction to merge).
+2. OnDARE (``mode="ondare"``)::
+
+       Delta_hat   = Bernoulli(p) mask, fresh each step, applied to Delta_t, scaled by 1/p
+       tau_tilde   = clamp(Bernoulli(p) mask drawn once at construction, applied to tau, scaled by 1/p,
+                           -clip, clip)
+       theta      += (1 - alpha) * Delta_hat + alpha * tau_tilde
+
+   OnTIES (``mode="onties"``): keep the k = max(1, floor(p * numel)) entries of largest magnitude per tensor
+   (entries tied with the k-th magnitude are all kept, so a tie can keep a few more), for Delta_t every step
+   and for tau once at construction (then clamped to [-clip, clip] like OnDARE's). Elect a sign per entry
+   from Delta_hat + tau_tilde (a zero sum counts as positive), zero the entries of each that disagree with
+   it, and ``theta += (1 - alpha) * Delta'' + alpha * tau''``.
+
+Choices (see each option in ``OnlineMergingOptimizer``):
+
+- The merge term alpha * tau_tilde is NOT scaled by the learning rate, as in the paper: it is added in full
+  on every merge step, also during warm-up and after decay. After T merge steps with zero gradients theta has
+  moved by exactly T * alpha * tau_tilde, so alpha is small in practice (the paper uses about 1e-5 to 1e-4).
+- ``rescale=True`` replaces the 1/p factor (OnDARE) or the absent factor (OnTIES) by renormalising the kept
+  entries to the L1 norm of the dense tensor.
+- ``use_merge=False`` drops the merge entirely (alpha is ignored): theta += Delta_hat. OnDARE is then gradient
+  dropout and OnTIES top-k update sparsification; with p = 1 both are AdamW.
+- With ``use_merge=True`` and alpha = 0, OnTIES still elects signs from Delta_hat + tau_tilde, so tau can veto
+  entries of the update: use ``use_merge=False`` to switch merging off.
+- ``merge_every=K``: every parameter is updated on every step (unlike the authors' code). Steps whose
+  per-parameter count t is not a multiple of K are plain AdamW steps that are also summed into an accumulator
+  A; on steps t = K, 2K, ... the plain steps already applied are replaced by one merge of their sum::
+
+      t % K != 0:  theta <- theta (1 - lr wd) + Delta_t;                   A <- A + Delta_t
+      t % K == 0:  theta <- theta (1 - lr wd) - A + merge(A + Delta_t);    A <- 0
+
+  so with no weight decay theta_K = theta_0 + merge(Delta_1 + ... + Delta_K). A costs one more
+  parameter-sized buffer (only when K > 1).
+- A parameter whose ``grad`` is None on a step is skipped entirely, as AdamW skips it: no moment update, no
+  merge term, no step count and no mask drawn, so parameters the loss did not reach do not drift towards the
+  reference on their own. Parameters with ``requires_grad=False`` are not optimised at all and need no entry
+  in ``reference`` / ``base``.
+
+Memory: one extra parameter-sized buffer (tau_tilde) beyond AdamW's two moments; ``tau_dtype=torch.bfloat16``
+halves it for float32 parameters (tau_tilde is computed in at least float32, then stored rounded). Each step
+also allocates transient buffers of the size of the tensor being stepped (the update, the mask, and for
+OnTIES the magnitudes and elected signs). The base model is only needed to compute tau: the optimizer keeps
+no reference to ``reference`` or ``base``; drop your own handles to free them.
+
+Randomness: the masks come from a ``torch.Generator`` per device, seeded with ``seed`` (``None``: the value
+of ``torch.initial_seed()``) and saved in ``state_dict()``, so a resumed run draws the same masks and ends
+with bitwise-identical weights. Under DDP every rank must draw the same masks: pass the same seed on every
+rank. Under FSDP each rank holds shards of each parameter: masks and the top-k are then per shard (k counts
+the shard's entries), ``reference`` / ``base`` must hold this rank's shards under the policy's names, and
+seeding each rank differently (``seed + rank``) keeps the shards' masks independent.
+
+Usage::
+
+    optimizer = OnlineMergingOptimizer(
+        policy.named_parameters(), reference=sft_model, base=base_model,
+        mode="ondare", reserve_p=0.1, alpha=1e-5, lr=5e-7, weight_decay=0.0,
+    )
+    del base_model  # tau is computed: the base is no longer needed
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("ondare", "onties")
+
+# Wrappers rename parameters: DDP and FSDP1 add "module.", torch.compile "_orig_mod.", peft
+# "base_model.model." and ".base_layer." around the frozen base weights. Names are compared without them only
+# when the exact name is missing, so an unwrapped reference can serve a wrapped policy.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pure operations: each is one step of the method, testable by hand.
+# --------------------------------------------------------------------------------------------------------
+
+
+def keep_count(numel: int, keep_p: float) -> int:
+    """How many entries OnTIES keeps in a tensor of ``numel`` entries: k = max(1, floor(p * numel)).
+
+    The authors' code keeps everything when p * numel < 1; we keep at least the largest entry instead. The
+    1e-6 tolerance keeps floor(0.29 * 100) at 29 (0.29 * 100 is 28.999999999999996 in float64).
+    """
+    return min(numel, max(1, math.floor(keep_p * numel + 1e-6)))
+
+
+def bernoulli_mask(
+    shape: torch.Size, keep_p: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """A boolean mask whose entries are True with probability ``keep_p``, drawn from ``generator``."""
+    # Uniforms in float32 whatever the parameter dtype: bfloat16 uniforms have 8 bits, which would round p.
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32) < keep_p
+
+
+def l1_renormalise(kept: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Scale ``kept`` so that its L1 norm equals that of ``dense`` (unchanged when ``kept`` is all zero)."""
+    # Norms in at least float32: a bfloat16 sum of millions of entries loses most of its digits.
+    norm_dtype = torch.promote_types(dense.dtype, torch.float32)
+    dense_norm = dense.abs().sum(dtype=norm_dtype)
+    kept_norm = kept.abs().sum(dtype=norm_dtype)
+    # torch.where rather than `if kept_norm == 0`: no host sync on GPU. The 1/0 it computes is never selected.
+    scale = torch.where(kept_norm > 0, dense_norm / kept_norm, torch.ones_like(kept_norm))
+    return kept.mul_(scale.to(kept.dtype))
+
+
+def dare(x: torch.Tensor, mask: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Tensor:
+    """DARE (Yu et al. 2024, arXiv:2311.03099): drop the entries where ``mask`` is False, rescale the rest.
+
+    Returns a new tensor ``x * mask / keep_p``, or with ``rescale`` the kept entries scaled to the L1 norm
+    of ``x``.
+    """
+    kept = x * mask
+    if rescale:
+        return l1_renormalise(kept, x)
+    return kept.div_(keep_p)
+
+
+def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Tensor:
+    """TIES' trim step (Yadav et al. 2023, arXiv:2306.01708): keep the top-k entries by magnitude.
+
+    k = ``keep_count(x.numel(), keep_p)``. Entries whose magnitude equals the k-th largest are all kept, so
+    ties can keep more than k (the original TIES code does the same). Returns a new tensor, the other
+    entries zeroed; with ``rescale`` the kept entries are scaled to the L1 norm of ``x``.
+    """
+    numel = x.numel()
+    k = keep_count(numel, keep_p)
+    if k == numel:
+        return x.clone()
+    magnitude = x.abs()
+    # kthvalue is a selection (linear time), not a full sort; the k-th largest is the (n - k + 1)-th smallest.
+    threshold = magnitude.flatten().kthvalue(numel - k + 1).values
+    kept = torch.where(magnitude >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if rescale:
+        return l1_renormalise(kept, x)
+    return kept
+
+
+def elect_sign(delta_hat: torch.Tensor, tau_tilde: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election for two tensors: +1 where delta_hat + tau_tilde >= 0 (zero counts as +), else -1.
+
+    The result has the promoted dtype of the two inputs.
+    """
+    total = delta_hat + tau_tilde
+    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+
+
+def disjoint_merge(delta_hat: torch.Tensor, tau_tilde: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OnTIES' merged update: (1 - alpha) * Delta'' + alpha * tau''.
+
+    Delta'' and tau'' are ``delta_hat`` and ``tau_tilde`` with the entries whose sign disagrees with the
+    elected sign (``elect_sign``) zeroed. Zero entries stay zero whatever the elected sign.
+    """
+    sign = elect_sign(delta_hat, tau_tilde)
+    zero = torch.zeros((), dtype=sign.dtype, device=sign.device)
+    delta_agreed = torch.where(delta_hat * sign > 0, delta_hat, zero)
+    tau_agreed = torch.where(tau_tilde * sign > 0, tau_tilde, zero)
+    return delta_agreed.mul_(1 - alpha).add_(tau_agreed, alpha=alpha)
+
+
+def linear_merge(delta_hat: torch.Tensor, tau_tilde: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OnDARE's merged update: (1 - alpha) * delta_hat + alpha * tau_tilde (in delta_hat's dtype or wider)."""
+    # torch.add promotes a bfloat16 tau_tilde elementwise: no parameter-sized float32 copy of it is made.
+    return torch.add(delta_hat * (1 - alpha), tau_tilde, alpha=alpha)
+
+
+def adamw_update(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """Advance AdamW's moments in place and return its update Delta (without weight decay).
+
+    The arithmetic is ``torch.optim.AdamW``'s single-tensor path, operation for operation, so that with p = 1
+    and no merge the optimizer matches it to the last bits.
+    """
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    # Written into denom (an elementwise op may alias its input) to save one parameter-sized buffer.
+    return torch.div(exp_avg, denom, out=denom).mul_(-step_size)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Matching the policy's parameters to the reference and base tensors.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _canonical_name(name: str) -> str:
+    """The parameter name with wrapper prefixes and segments removed (see _WRAPPER_PREFIXES)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix) :], True
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+class _TensorLookup:
+    """Finds the tensor of a policy parameter in a reference or base model, by exact or canonical name."""
+
+    def __init__(self, source: nn.Module | Mapping[str, torch.Tensor], role: str) -> None:
+        if isinstance(source, nn.Module):
+            # state_dict rather than named_parameters: it lists tied weights under every name.
+            tensors = dict(source.state_dict())
+        elif isinstance(source, Mapping):
+            tensors = dict(source)
+        else:
+            raise TypeError(
+                f"OnlineMergingOptimizer: {role} must be an nn.Module or a dict of name -> tensor, "
+                f"got {type(source).__name__}"
+            )
+        self.role = role
+        self.tensors = tensors
+        self.by_canonical: dict[str, str | None] = {}
+        for key in tensors:
+            canonical = _canonical_name(key)
+            # Two keys with one canonical name are ambiguous: None makes a lookup by it fail loudly.
+            self.by_canonical[canonical] = None if canonical in self.by_canonical else key
+
+    def get(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        key = name if name in self.tensors else self.by_canonical.get(_canonical_name(name))
+        if key is None:
+            raise KeyError(
+                f"OnlineMergingOptimizer: parameter '{name}' has no tensor in {self.role} (looked up as "
+                f"'{name}' and '{_canonical_name(name)}'). Pass a {self.role} with the policy's parameter "
+                f"names (the same architecture), or set requires_grad=False on parameters not to optimise."
+            )
+        tensor = self.tensors[key]
+        if tensor.shape != param.shape:
+            raise ValueError(
+                f"OnlineMergingOptimizer: parameter '{name}' has shape {tuple(param.shape)} but {self.role} "
+                f"'{key}' has shape {tuple(tensor.shape)}. Under FSDP pass this rank's shards, wrapped like "
+                f"the policy."
+            )
+        return tensor
+
+
+def _named_groups(named_params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Param groups of trainable parameters, each with torch's ``param_names`` list beside ``params``.
+
+    Accepts ``model.named_parameters()`` (one group) or a list of dicts whose ``params`` are (name, parameter)
+    pairs, with per-group options.
+    """
+    items = list(named_params)
+    if not items:
+        raise ValueError("OnlineMergingOptimizer got no parameters: pass policy.named_parameters()")
+    raw_groups = items if all(isinstance(item, dict) for item in items) else [{"params": items}]
+    groups = []
+    for raw in raw_groups:
+        pairs = list(raw["params"])
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise TypeError(
+                    "OnlineMergingOptimizer needs (name, parameter) pairs to match each parameter with its "
+                    f"reference and base tensors, got {type(pair).__name__}: pass model.named_parameters()"
+                )
+        # Frozen parameters get no state and no tau: they cost no memory and need no reference entry.
+        trainable = [(name, param) for name, param in pairs if param.requires_grad]
+        groups.append({**raw, "params": [p for _, p in trainable], "param_names": [n for n, _ in trainable]})
+    if not any(group["params"] for group in groups):
+        raise ValueError("OnlineMergingOptimizer: no parameter requires grad; unfreeze the ones to train")
+    return groups
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Guard clauses on one param group's options (defaults or per-group overrides)."""
+    checks = [
+        (group["mode"] in MODES, f"mode must be one of {MODES}, got {group['mode']!r}"),
+        (0 < group["reserve_p"] <= 1, f"reserve_p must be in (0, 1], got {group['reserve_p']}; 1 keeps all"),
+        (0 <= group["alpha"] <= 1, f"alpha must be in [0, 1], got {group['alpha']}"),
+        (group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}"),
+        (all(0 <= b < 1 for b in group["betas"]), f"betas must be in [0, 1), got {group['betas']}"),
+        (group["eps"] >= 0, f"eps must be >= 0, got {group['eps']}"),
+        (group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}"),
+        (
+            isinstance(group["merge_every"], int) and group["merge_every"] >= 1,
+            f"merge_every must be an integer >= 1 (1 merges every step), got {group['merge_every']!r}",
+        ),
+        (
+            group["clip"] is None or group["clip"] > 0,
+            f"clip must be > 0, or None for no clamp, got {group['clip']}",
+        ),
+        (isinstance(group["rescale"], bool), f"rescale must be True or False, got {group['rescale']!r}"),
+        (
+            isinstance(group["use_merge"], bool),
+            f"use_merge must be True or False, got {group['use_merge']!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"OnlineMergingOptimizer: {message}")
+
+
+class OnlineMergingOptimizer(torch.optim.Optimizer):
+    """AdamW whose every update is merged with the SFT task vector: OnDARE or OnTIES (see the module doc).
+
+    Args:
+        named_params: the policy's ``named_parameters()``, or a list of param-group dicts whose ``params``
+            are (name, parameter) pairs; any option below except ``seed`` and ``tau_dtype`` can be set per
+            group. Only parameters with ``requires_grad`` are kept. Names are stored in each group's
+            ``param_names`` (torch's own key for named parameters).
+        reference, base: the SFT and pretrained weights, as models or dicts of name -> tensor with the
+            policy's names (wrapper prefixes such as DDP's ``module.`` are tolerated). Used once to compute
+            tau = reference - base; no reference to them is kept. May be None only when no group merges.
+        mode: "ondare" (random drop, rescaled) or "onties" (top-k by magnitude, sign election).
+        reserve_p: p, the fraction of entries kept, in (0, 1].
+        alpha: the merge weight, in [0, 1]; alpha * tau_tilde is not scaled by lr.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (weight decay decoupled, never masked).
+        rescale: renormalise the kept entries to the dense L1 norm instead of scaling by 1/p (or by 1).
+        use_merge: False drops the merge (and alpha); the update is then the masked AdamW update.
+        merge_every: K; plain AdamW steps in between, one merge of their sum every K steps.
+        clip: tau_tilde is clamped to [-clip, clip] after masking and scaling; None for no clamp.
+        seed: seeds the mask generators; None uses ``torch.initial_seed()``. Same seed on every DDP rank.
+        tau_dtype: dtype to store tau_tilde in (e.g. torch.bfloat16 to halve it); None: the parameter's.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[Any],
+        *,
+        reference: nn.Module | Mapping[str, torch.Tensor] | None,
+        base: nn.Module | Mapping[str, torch.Tensor] | None,
+        mode: str = "ondare",
+        reserve_p: float,
+        alpha: float,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rescale: bool = False,
+        use_merge: bool = True,
+        merge_every: int = 1,
+        clip: float | None = 1.0,
+        seed: int | None = None,
+        tau_dtype: torch.dtype | None = None,
+    ) -> None:
+        if tau_dtype is not None and not tau_dtype.is_floating_point:
+            raise ValueError(f"OnlineMergingOptimizer: tau_dtype must be a floating dtype, got {tau_dtype}")
+        defaults = dict(
+            mode=mode,
+            reserve_p=reserve_p,
+            alpha=alpha,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rescale=rescale,
+            use_merge=use_merge,
+            merge_every=merge_every,
+            clip=clip,
+        )
+        self._constructed = False
+        super().__init__(_named_groups(named_params), defaults)
+        for group in self.param_groups:
+            _check_group(group)
+        self._seed = torch.initial_seed() if seed is None else int(seed)
+        self._tau_dtype = tau_dtype
+        self._generators: dict[str, torch.Generator] = {}
+        self._init_tau(reference, base)
+        self._constructed = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # tau needs the base weights, which are gone once the optimizer is built.
+        if self._constructed:
+            raise RuntimeError(
+                "OnlineMergingOptimizer cannot add param groups after construction (tau needs the base "
+                "model): build it with every parameter to train, as groups if they need other options"
+            )
+        super().add_param_group(param_group)
+
+    def _init_tau(self, reference: Any, base: Any) -> None:
+        """Compute and store tau_tilde (masked once, scaled, clamped) for every parameter that merges."""
+        if not any(group["use_merge"] for group in self.param_groups):
+            return
+        if reference is None or base is None:
+            raise ValueError(
+                "OnlineMergingOptimizer: merging needs both reference and base to compute tau; pass them, "
+                "or use_merge=False"
+            )
+        reference_lookup = _TensorLookup(reference, "reference")
+        base_lookup = _TensorLookup(base, "base")
+        for group in self.param_groups:
+            if not group["use_merge"]:
+                continue
+            for name, param in zip(group["param_names"], group["params"]):
+                ref = reference_lookup.get(name, param)
+                bas = base_lookup.get(name, param)
+                # At least float32: a bfloat16 difference of two close weights keeps few correct digits.
+                dtype = torch.promote_types(param.dtype, torch.float32)
+                tau = ref.detach().to(param.device, dtype) - bas.detach().to(param.device, dtype)
+                tau = self._sparsify(tau, group)
+                if group["clip"] is not None:
+                    tau.clamp_(-group["clip"], group["clip"])
+                self.state[param]["tau"] = tau.to(self._tau_dtype or param.dtype)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The mask generator of ``device``, created and seeded on first use."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[key]
+
+    def _sparsify(self, x: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """DARE or TIES-trim ``x`` according to the group's mode (x itself when everything is kept)."""
+        keep_p = group["reserve_p"]
+        if keep_p >= 1:
+            return x
+        if group["mode"] == "onties":
+            return ties_trim(x, keep_p, group["rescale"])
+        mask = bernoulli_mask(x.shape, keep_p, self._generator(x.device), x.device)
+        return dare(x, mask, keep_p, group["rescale"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over every parameter that has a gradient (see the module doc)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._step_param(param, group)
+        return loss
+
+    def _step_param(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        if param.grad.is_sparse:
+            raise RuntimeError("OnlineMergingOptimizer does not support sparse gradients; use sparse=False")
+        state = self.state[param]
+        if "step" not in state:
+            # A float32 step tensor, as torch's AdamW keeps it (and skips casting it in load_state_dict).
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        every = group["merge_every"]
+        if every > 1 and "accum" not in state:
+            state["accum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        delta = adamw_update(
+            param.grad, state["exp_avg"], state["exp_avg_sq"], step,
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        )  # fmt: skip
+        if group["weight_decay"] != 0:
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+        if step % every != 0:
+            param.add_(delta)
+            state["accum"].add_(delta)
+            return
+        if every > 1:
+            # Undo the plain steps since the last merge, then merge their sum with this step's update.
+            param.sub_(state["accum"])
+            delta.add_(state["accum"])
+            state["accum"].zero_()
+        param.add_(self._merged_update(delta, state, group))
+
+    def _merged_update(
+        self, delta: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor:
+        delta_hat = self._sparsify(delta, group)
+        if not group["use_merge"]:
+            return delta_hat
+        if "tau" not in state:
+            raise RuntimeError(
+                "OnlineMergingOptimizer: a group has use_merge=True but no tau was computed for it (it was "
+                "built with use_merge=False); build the optimizer with the merge settings you train with"
+            )
+        if group["mode"] == "onties":
+            return disjoint_merge(delta_hat, state["tau"], group["alpha"])
+        return linear_merge(delta_hat, state["tau"], group["alpha"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state (moments, step, tau_tilde, accumulators) plus the mask generators' states."""
+        state_dict = super().state_dict()
+        state_dict["mask_rng"] = {key: gen.get_state() for key, gen in self._generators.items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng_states = state_dict.pop("mask_rng", None)
+        if rng_states is None:
+            raise ValueError(
+                "OnlineMergingOptimizer: this state dict has no 'mask_rng' entry, so it was not written by "
+                "OnlineMergingOptimizer.state_dict(); resume from a checkpoint of this optimizer"
+            )
+        missing = set(self._generators) - set(rng_states)
+        if missing:
+            raise ValueError(
+                f"OnlineMergingOptimizer: the checkpoint has no mask generator state for {sorted(missing)} "
+                f"(it has {sorted(rng_states)}); resume with the parameters on the devices they were saved from"
+            )
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its parameter's dtype: store tau_tilde in tau_dtype again
+        # (an exact round trip, bfloat16 -> float32 -> bfloat16).
+        if self._tau_dtype is not None:
+            for state in self.state.values():
+                if "tau" in state:
+                    state["tau"] = state["tau"].to(self._tau_dtype)
+        for key, rng_state in rng_states.items():
+            self._generator(torch.device(key)).set_state(rng_state)
