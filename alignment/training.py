@@ -1,0 +1,182 @@
+"""Shared parts of the training entry points: optimizer, LR schedule, the batch plan, checkpoints, saving.
+
+The batch plan is decided before training from the data alone, the same on every process: a stream of
+seeded per-epoch permutations is cut into global batches of ``per_device_batch_size x processes x
+accumulation`` items, and each process takes its slice. One process with accumulation 2 and two processes
+with accumulation 1 therefore see the same global batches, and losses are normalised by the global batch's
+label count, so their gradients agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from alignment.config import OptimizerConfig, SchedulerConfig, TrainingConfig, to_dict
+
+
+def print0(accelerator, *args) -> None:
+    if accelerator.is_main_process:
+        print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    # Biases and norm weights (1-D) are not decayed, as in transformers' Trainer.
+    return p.ndim < 2 or name.endswith(".bias")
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module, max_length: int = 2048) -> torch.optim.Optimizer:
+    named = trainable_named_parameters(model)
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    if cfg.name == "adamw":
+        groups = [
+            {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    from alignment.merging_setup import build_merging_optimizer
+
+    return build_merging_optimizer(cfg, model, named, max_length)
+
+
+def lr_factor(step: int, total: int, peak: float, cfg: SchedulerConfig) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warmup over ``warmup`` steps, then cosine (or linear) decay that reaches ``min_lr`` exactly at the
+    last step: lr = min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * progress)), progress = 0 .. 1.
+    """
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    floor = cfg.min_lr / peak
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    if cfg.name == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg: SchedulerConfig, peak: float, total: int):
+    if cfg.min_lr > peak:
+        raise ValueError(f"scheduler.min_lr ({cfg.min_lr}) is above the peak optimizer.lr ({peak})")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, peak, cfg))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch plan
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchPlan:
+    global_batches: list[list[int]]  # item indices of each optimizer step
+    global_batch_size: int
+    steps_per_epoch: float
+
+    def __len__(self) -> int:
+        return len(self.global_batches)
+
+    def micro_batches(self, step: int, rank: int, world: int, accumulation: int) -> list[list[int]]:
+        """This process's micro-batches of step ``step``: a contiguous slice, split into ``accumulation`` parts."""
+        batch = self.global_batches[step]
+        per_rank = len(batch) // world
+        mine = batch[rank * per_rank : (rank + 1) * per_rank]
+        per_micro = len(mine) // accumulation
+        return [mine[i * per_micro : (i + 1) * per_micro] for i in range(accumulation)]
+
+
+def plan_batches(n_items: int, cfg: TrainingConfig, world: int, seed: int) -> BatchPlan:
+    g = cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps
+    if n_items < g:
+        raise ValueError(
+            f"only {n_items} training items but a global batch needs {g} "
+            f"(per_device_batch_size x processes x gradient_accumulation_steps); lower them or add data"
+        )
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(n_items * cfg.num_epochs) // g)
+    stream: list[int] = []
+    epoch = 0
+    while len(stream) < total * g:
+        order = list(range(n_items))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        stream += order
+        epoch += 1
+    return BatchPlan([stream[i * g : (i + 1) * g] for i in range(total)], g, n_items / g)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints and the final model
+# --------------------------------------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, limit: int, extra: dict[str, Any]) -> None:
+    path = Path(output_dir) / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps({"step": step, **extra}, indent=2))
+        old = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for p in old[:-limit] if limit > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(output_dir: str, spec: str | None) -> Path | None:
+    if spec is None:
+        return None
+    if spec == "latest":
+        found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+        return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(accelerator, path: Path) -> int:
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())["step"]
+
+
+def save_final_model(accelerator, wrapped: nn.Module, tokenizer, output_dir: str, config: Any) -> None:
+    """Standard HF folder (weights, config, tokenizer, chat template); LoRA: the adapter too, and merged weights."""
+    out = Path(output_dir)
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(wrapped)  # gathers shards under FSDP / ZeRO-3
+    model = accelerator.unwrap_model(wrapped).model
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        if hasattr(model, "merge_and_unload"):  # peft
+            model.save_pretrained(out / "adapter", state_dict=state)
+            model = model.merge_and_unload()
+            state = None
+        model.config.use_cache = True
+        if tokenizer.eos_token_id is not None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    accelerator.wait_for_everyone()
