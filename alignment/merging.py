@@ -476,9 +476,15 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         step = int(state["step"].item())
         beta1, beta2 = group["betas"]
         delta = adamw_update(
-            param.grad, state["exp_avg"], state["exp_avg_sq"], step,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-        )  # fmt: skip
+            param.grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
         if group["weight_decay"] != 0:
             param.mul_(1 - group["lr"] * group["weight_decay"])
         if step % every != 0:
