@@ -50,6 +50,8 @@ class TokenLogProbs(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # FSDP's transformer-based auto-wrap reads the decoder-layer class names from here.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         backbone, head = backbone_and_head(self.model)

@@ -177,6 +177,7 @@ def builtin_model_path(name: str) -> Path:
         if (target / "config.json").is_file():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        os.chmod(tmp, 0o755)
         try:
             print(f"[alignment] building built-in model {name} into {target} (once)", flush=True)
             BUILTIN_MODELS[name](tmp)
@@ -235,7 +236,9 @@ def yarn_rope_parameters(config, cfg: ModelConfig, max_length: int) -> dict | No
         return None
     current = dict(getattr(config, "rope_parameters", None) or {})
     native = cfg.rope_scaling.original_max_position_embeddings or config.max_position_embeddings
-    factor = cfg.rope_scaling.factor or max(1.0, max_length / native)
+    factor = cfg.rope_scaling.factor or max_length / native
+    if factor <= 1.0:
+        return None  # the native context already covers max_length: nothing to stretch
     return {
         "rope_type": "yarn",
         "rope_theta": current.get("rope_theta", getattr(config, "rope_theta", 10000.0)),
@@ -252,7 +255,6 @@ def load_causal_lm(cfg: ModelConfig, max_length: int, name_or_path: str | None =
     if (Path(path) / "adapter_config.json").is_file():
         return _load_adapter_merged(path, cfg, max_length, trainable)
     config = AutoConfig.from_pretrained(path)
-    kwargs: dict = {}
     rope = yarn_rope_parameters(config, cfg, max_length)
     if rope is not None:
         config.rope_parameters = rope
@@ -262,7 +264,6 @@ def load_causal_lm(cfg: ModelConfig, max_length: int, name_or_path: str | None =
         config=config,
         dtype=getattr(torch, cfg.dtype),
         attn_implementation=pick_attn_implementation(cfg.attn_implementation),
-        **kwargs,
     )
     model.config.use_cache = False
     if not trainable:

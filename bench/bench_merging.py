@@ -1,0 +1,204 @@
+"""Step time and peak memory of OnDARE and OnTIES against torch.optim.AdamW, on SmolLM2-135M's shapes.
+
+Run (about a minute and a half on 2 CPU cores with the defaults):
+
+    python bench/bench_merging.py
+    python bench/bench_merging.py --steps 2 --dtype bfloat16 --tau-dtype bfloat16
+
+The 211 tensors of SmolLM2-135M (llama: vocab 49152, hidden 576, intermediate 1536, 30 layers, 9 heads and 3
+KV heads of dim 64, tied embeddings, RMSNorm weights; 134.5 M parameters) are built directly with random
+values: nothing is downloaded and no forward pass runs, so the time is the optimizer step alone. Gradients
+are random and fixed across steps.
+
+Each optimizer runs in a fresh subprocess so that its peak memory is its own. Memory is the resident set
+size (RSS) from /proc/self/status: "state" is the bytes of the optimizer's state tensors, "peak extra" the
+peak RSS during the steps above the RSS of parameters and gradients alone (state plus the transient buffers
+of a step). The high-water mark is reset with /proc/self/clear_refs after setup, so building tau from the
+base weights is not counted. Simplifications: one process, CPU only, no forward or backward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alignment.merging import OnlineMergingOptimizer  # noqa: E402
+
+OPTIMIZERS = ("adamw", "ondare", "onties")
+MiB = 2**20
+
+
+def smollm2_135m_shapes() -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of SmolLM2-135M (lm_head is tied to the embedding: one tensor)."""
+    vocab, hidden, intermediate, layers, heads, kv_heads, head_dim = 49152, 576, 1536, 30, 9, 3, 64
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        layer = f"model.layers.{i}."
+        shapes |= {
+            layer + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            layer + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            layer + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            layer + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            layer + "mlp.gate_proj.weight": (intermediate, hidden),
+            layer + "mlp.up_proj.weight": (intermediate, hidden),
+            layer + "mlp.down_proj.weight": (hidden, intermediate),
+            layer + "input_layernorm.weight": (hidden,),
+            layer + "post_attention_layernorm.weight": (hidden,),
+        }
+    shapes["model.norm.weight"] = (hidden,)
+    return shapes
+
+
+def _rss_mib(field: str) -> float:
+    """VmRSS (current) or VmHWM (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / MiB
+    raise RuntimeError(f"{field} not found in /proc/self/status: this benchmark needs Linux")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _build_optimizer(name: str, params: dict[str, torch.nn.Parameter], tau_dtype: torch.dtype | None):
+    if name == "adamw":
+        return torch.optim.AdamW(params.values(), lr=1e-5, weight_decay=0.01)
+    # The policy starts at the reference, as after SFT; the base differs from it by a small random tau.
+    reference = {n: p.detach() for n, p in params.items()}
+    base = {n: t - 0.01 * torch.randn_like(t) for n, t in reference.items()}
+    return OnlineMergingOptimizer(
+        params.items(),
+        reference=reference,
+        base=base,
+        mode=name,
+        reserve_p=0.1,
+        alpha=1e-5,
+        lr=1e-5,
+        weight_decay=0.01,
+        seed=0,
+        tau_dtype=tau_dtype,
+    )
+
+
+def run_worker(name: str, steps: int, dtype: torch.dtype, tau_dtype: torch.dtype | None) -> dict:
+    """Time `steps` optimizer steps (after one warm-up step that allocates the state) in this process."""
+    torch.manual_seed(0)
+    params = {
+        n: torch.nn.Parameter(torch.randn(s, dtype=dtype) * 0.02) for n, s in smollm2_135m_shapes().items()
+    }
+    for p in params.values():
+        p.grad = torch.randn_like(p) * 1e-3
+    rss_params_grads = _rss_mib("VmRSS")
+
+    start = time.perf_counter()
+    optimizer = _build_optimizer(name, params, tau_dtype)
+    build_s = time.perf_counter() - start
+    gc.collect()  # the base weights are garbage now: only tau remains
+    peak_reset = _reset_peak_rss()
+
+    optimizer.step()  # warm-up: allocates the moments
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+    return {
+        "name": name,
+        "numel": sum(p.numel() for p in params.values()),
+        "tensors": len(params),
+        "build_s": build_s,
+        "step_s": sum(times) / len(times),
+        "state_mib": state_bytes / MiB,
+        "peak_extra_mib": _rss_mib("VmHWM") - rss_params_grads,
+        "peak_reset": peak_reset,
+    }
+
+
+def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    adamw = next(row for row in rows if row["name"] == "adamw")
+    first = rows[0]
+    print(
+        f"SmolLM2-135M shapes: {first['tensors']} tensors, {first['numel'] / 1e6:.1f} M parameters, "
+        f"{args.dtype}, tau_dtype {args.tau_dtype or 'as parameters'}, {args.steps} timed steps after 1 warm-up, "
+        f"{torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{'optimizer':<10}{'step s':>9}{'x AdamW':>9}{'state MiB':>11}{'x AdamW':>9}{'peak extra MiB':>16}"
+    )
+    print(header + f"{'x AdamW':>9}{'build s':>9}")
+    for row in rows:
+        print(
+            f"{row['name']:<10}{row['step_s']:>9.3f}{row['step_s'] / adamw['step_s']:>9.2f}"
+            f"{row['state_mib']:>11.0f}{row['state_mib'] / adamw['state_mib']:>9.2f}"
+            f"{row['peak_extra_mib']:>16.0f}{row['peak_extra_mib'] / adamw['peak_extra_mib']:>9.2f}"
+            f"{row['build_s']:>9.2f}"
+        )
+    if not all(row["peak_reset"] for row in rows):
+        print("note: the kernel refused to reset the peak RSS; peak extra includes building tau")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per optimizer (after 1 warm-up)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--tau-dtype", choices=["float32", "bfloat16"], default=None)
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    parser.add_argument("--worker", choices=OPTIMIZERS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if "adamw" not in args.optimizers:
+        parser.error("--optimizers must include adamw: ratios are against it")
+    dtype = getattr(torch, args.dtype)
+    tau_dtype = getattr(torch, args.tau_dtype) if args.tau_dtype else None
+
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, args.steps, dtype, tau_dtype)))
+        return
+    rows = []
+    for name in args.optimizers:
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--steps",
+            str(args.steps),
+            "--dtype",
+            args.dtype,
+        ]
+        if args.tau_dtype:
+            command += ["--tau-dtype", args.tau_dtype]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            sys.exit(f"the {name} worker failed:\n{result.stderr}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    _print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The SFT stage end to end on tiny-qwen2: it learns, resumes exactly, schedules LR, and scales to 2 processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.config import SchedulerConfig
+from alignment.sft import main as sft_main
+from alignment.training import lr_factor
+from tests.conftest import REPO, read_metrics, write_jsonl
+
+ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is {a + b}."}]}
+    for a, b in [(12, 30), (7, 5), (100, 23), (41, 9), (3, 3), (56, 44), (18, 2), (90, 9)]
+]
+
+
+def run_sft(tmp_path, name: str, *overrides: str, data=None) -> str:
+    from accelerate.state import AcceleratorState, PartialState
+
+    data = data or write_jsonl(tmp_path / "sft.jsonl", ROWS)
+    out = tmp_path / name
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    sft_main(
+        [
+            str(REPO / "recipes/sft.yaml"),
+            "model.name_or_path=tiny-qwen2",
+            "model.rope_scaling=null",
+            "model.gradient_checkpointing=false",
+            f"data.sources=[{{path: {data}}}]",
+            "data.max_length=128",
+            "data.packing=false",
+            "training.per_device_batch_size=2",
+            "training.num_epochs=4",
+            "optimizer.lr=1e-3",
+            "scheduler.min_lr=1e-4",
+            "logging.report_to=[]",
+            "logging.progress_bar=false",
+            f"training.output_dir={out}",
+            *overrides,
+        ]
+    )
+    return str(out)
+
+
+def test_sft_lowers_loss_and_changes_every_parameter(tmp_path, tiny_qwen2):
+    out = run_sft(tmp_path, "run")
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert len(losses) == 16  # 8 examples x 4 epochs / batch 2
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0  # nats
+    before, after = load_file(f"{tiny_qwen2}/model.safetensors"), load_file(f"{out}/model.safetensors")
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters that did not train: {unchanged}"
+
+
+def test_saved_model_loads_in_transformers_with_chat_template(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run_sft(tmp_path, "run", "training.max_steps=1")
+    model = AutoModelForCausalLM.from_pretrained(out)  # no custom attention registered for loading
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    full = run_sft(tmp_path, "full", "training.max_steps=6", "training.save_steps=3")
+    part = run_sft(tmp_path, "part", "training.max_steps=6", "training.save_steps=3")
+    # Interrupt: drop what came after the checkpoint at step 3, then resume from it.
+    from pathlib import Path
+
+    lines = Path(part, "metrics.jsonl").read_text().splitlines()[:3]
+    Path(part, "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (Path(part) / "model.safetensors").unlink()
+    assert sorted(p.name for p in Path(part).glob("checkpoint-*")) == ["checkpoint-3"]
+    run_sft(tmp_path, "part", "training.max_steps=6", "training.save_steps=3", "training.resume_from_checkpoint=latest")
+    a, b = read_metrics(full), read_metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7)
+        assert x["learning_rate"] == pytest.approx(y["learning_rate"], rel=1e-9)
+    wa, wb = load_file(f"{full}/model.safetensors"), load_file(f"{part}/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_lr_schedule_peaks_at_7e6_and_ends_at_7e7():
+    cfg = SchedulerConfig(name="cosine", min_lr=7e-7)
+    lrs = [7e-6 * lr_factor(s, 10, 7e-6, cfg) for s in range(10)]
+    assert lrs[0] == pytest.approx(7e-6) and max(lrs) == pytest.approx(7e-6)
+    assert lrs[-1] == pytest.approx(7e-7)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # The midpoint of a cosine is the mean of the two ends.
+    assert 7e-6 * lr_factor(5, 11, 7e-6, cfg) == pytest.approx((7e-6 + 7e-7) / 2)
+    warm = SchedulerConfig(name="cosine", min_lr=7e-7, warmup_steps=4)
+    wl = [lr_factor(s, 20, 7e-6, warm) for s in range(20)]
+    assert wl[:4] == sorted(wl[:4]) and wl[4] == pytest.approx(1.0)
+
+
+def test_lr_schedule_in_a_real_run(tmp_path):
+    out = run_sft(tmp_path, "run", "optimizer.lr=7e-6", "scheduler.min_lr=7e-7", "training.max_steps=5")
+    lrs = [m["learning_rate"] for m in read_metrics(out)]
+    assert lrs[0] == pytest.approx(7e-6) and lrs[-1] == pytest.approx(7e-7)
+
+
+def test_chunked_logprobs_equal_full_logits(tiny_qwen2):
+    from alignment.config import ModelConfig
+    from alignment.logprobs import TokenLogProbs, reference_logprobs_full
+    from alignment.models import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_qwen2), 256)
+    ids = torch.randint(0, 151_000, (1, 40))
+    labels = ids.roll(-1, 1)
+    labels[0, :10] = -100
+    pos = torch.cat([torch.arange(25), torch.arange(15)])[None]
+    chunked = TokenLogProbs(model, chunk_size=7)(ids, pos, labels)
+    full = reference_logprobs_full(model, ids, pos, labels)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    chunked.sum().backward()  # gradients flow through the checkpointed chunks
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """accelerate launch --num_processes 2 (gloo on CPU) == 1 process with 2x accumulation."""
+    data = write_jsonl(tmp_path / "sft.jsonl", ROWS)
+    common = [
+        "model.name_or_path=tiny-qwen2",
+        "model.rope_scaling=null",
+        f"data.sources=[{{path: {data}}}]",
+        "data.max_length=128",
+        "data.packing=false",
+        "training.per_device_batch_size=1",
+        "training.max_steps=3",
+        "optimizer.lr=1e-3",
+        "logging.report_to=[]",
+        "logging.progress_bar=false",
+    ]
+    one = run_sft(tmp_path, "one", *common[1:], "training.gradient_accumulation_steps=4", data=data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"),
+        *common, "training.gradient_accumulation_steps=2", f"training.output_dir={tmp_path / 'two'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_metrics(one), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{tmp_path / 'two'}/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
