@@ -264,7 +264,9 @@ def _take(rows: list[Any], weight: float, rng: random.Random) -> list[Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def assistant_char_spans(tokenizer, messages: Messages, where: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(
+    tokenizer, messages: Messages, where: str, learn_from: int = 0
+) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation and find the characters of each assistant turn.
 
     The span of turn i is what rendering turns [0..i] adds to rendering turns [0..i-1] followed by the
@@ -274,7 +276,7 @@ def assistant_char_spans(tokenizer, messages: Messages, where: str) -> tuple[str
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < learn_from:
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
@@ -288,9 +290,11 @@ def assistant_char_spans(tokenizer, messages: Messages, where: str) -> tuple[str
     return text, spans
 
 
-def tokenize_conversation(tokenizer, messages: Messages, where: str = "") -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer, messages: Messages, where: str = "", learn_from: int = 0
+) -> tuple[list[int], list[int]]:
     """input_ids and *shifted* labels: labels[t] is the token to predict at t, or -100 outside assistant turns."""
-    text, spans = assistant_char_spans(tokenizer, messages, where)
+    text, spans = assistant_char_spans(tokenizer, messages, where, learn_from)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     in_answer = [any(s <= start and end <= e for s, e in spans) and end > start for start, end in offsets]
@@ -393,3 +397,50 @@ def collate(sequences: list[Sequence]) -> Batch:
         torch.tensor(seq_ids),
         len(sequences),
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preference pairs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairSequences:
+    chosen: Sequence
+    rejected: Sequence
+
+
+def _prompt_len(labels: list[int]) -> int:
+    """Tokens before the first learned one: the prompt (labels are shifted, so the answer starts one later)."""
+    return next(t for t, lab in enumerate(labels) if lab != IGNORE) + 1
+
+
+def tokenize_pair(
+    tokenizer, ex: PreferenceExample, max_length: int, overlong: str, report: DataReport, where: str = ""
+) -> PairSequences | None:
+    """Both answers after the same prompt, labels on the answer only, fitted to ``max_length`` together.
+
+    truncate_prompt: drop prompt tokens from the left (both sequences keep the same prompt);
+    truncate_completion: keep the prompt, cut the end of the longer answer(s); drop: leave the pair out.
+    """
+    n = len(ex.prompt)
+    seqs = [Sequence(*tokenize_conversation(tokenizer, ex.prompt + ans, where, learn_from=n)) for ans in (ex.chosen, ex.rejected)]
+    if max(len(s.input_ids) for s in seqs) <= max_length:
+        return PairSequences(*seqs)
+    p = _prompt_len(seqs[0].labels)
+    answer = max(len(s.input_ids) - p for s in seqs)
+    if overlong == "truncate_prompt" and answer < max_length:
+        cut = p - (max_length - answer)  # prompt tokens removed from the left
+        seqs = [Sequence(s.input_ids[cut:], s.labels[cut:]) for s in seqs]
+    elif overlong == "truncate_completion" and p < max_length:
+        seqs = [Sequence(s.input_ids[:max_length], s.labels[:max_length]) for s in seqs]
+        for s in seqs:
+            s.labels[-1] = IGNORE  # its target was cut off
+    else:
+        report.dropped_overlong += 1
+        return None
+    if min(s.num_labels for s in seqs) == 0:
+        report.dropped_overlong += 1
+        return None
+    report.truncated += 1
+    return PairSequences(*seqs)

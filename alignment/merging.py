@@ -136,7 +136,8 @@ def dare(x: torch.Tensor, mask: torch.Tensor, keep_p: float, rescale: bool = Fal
     Returns a new tensor ``x * mask / keep_p``, or with ``rescale`` the kept entries scaled to the L1 norm
     of ``x``.
     """
-    kept = x * mask
+    # torch.where rather than x * mask: multiplying by a bool tensor first casts the whole mask to x's dtype.
+    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if rescale:
         return l1_renormalise(kept, x)
     return kept.div_(keep_p)
@@ -185,9 +186,9 @@ def disjoint_merge(delta_hat: torch.Tensor, tau_tilde: torch.Tensor, alpha: floa
 
 
 def linear_merge(delta_hat: torch.Tensor, tau_tilde: torch.Tensor, alpha: float) -> torch.Tensor:
-    """OnDARE's merged update: (1 - alpha) * delta_hat + alpha * tau_tilde (in delta_hat's dtype or wider)."""
-    # torch.add promotes a bfloat16 tau_tilde elementwise: no parameter-sized float32 copy of it is made.
-    return torch.add(delta_hat * (1 - alpha), tau_tilde, alpha=alpha)
+    """OnDARE's merged update: (1 - alpha) * delta_hat + alpha * tau_tilde, in delta_hat's dtype."""
+    # add_ promotes a bfloat16 tau_tilde elementwise: no parameter-sized float32 copy of it is made.
+    return delta_hat.mul(1 - alpha).add_(tau_tilde, alpha=alpha)
 
 
 def adamw_update(

@@ -173,7 +173,7 @@ def save_final_model(accelerator, wrapped: nn.Module, tokenizer, output_dir: str
             model = model.merge_and_unload()
             state = None
         model.config.use_cache = True
-        if tokenizer.eos_token_id is not None:
+        if tokenizer.eos_token_id is not None and getattr(model, "generation_config", None) is not None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(out, state_dict=state, safe_serialization=True)

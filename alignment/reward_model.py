@@ -1,0 +1,173 @@
+"""Reward-model training: a Bradley-Terry model on preference pairs, the judge online DPO uses.
+
+    accelerate launch alignment/reward_model.py recipes/reward.yaml [key=value ...]     (or: make reward)
+
+Tiny CPU smoke run:
+
+    python alignment/reward_model.py recipes/reward.yaml model.name_or_path=tiny-qwen2 training.max_steps=2 \
+        logging.report_to=[] training.output_dir=outputs/smoke-rm
+
+A sequence-classification head (one output) on a causal LM scores the last token of a conversation; the loss
+is -log sigmoid(r(x, y_w) - r(x, y_l)) (alignment/losses.py). A held-out share of the pairs
+(``eval_fraction``) is never trained on; its accuracy (the fraction of pairs where the chosen answer scores
+higher) is reported as ``eval/accuracy`` every ``eval_steps`` and at the end. The result is a standard HF
+``...ForSequenceClassification`` folder that ``reward.model.RewardModelScorer`` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from alignment.config import LoggingConfig, ModelConfig, OptimizerConfig, SchedulerConfig, TrainingConfig, parse_cli, to_dict
+from alignment.data import DataReport, PairSequences, collate, load_examples, normalize_preference_row, tokenize_pair
+from alignment.dpo import PreferenceDataConfig
+from alignment.losses import bradley_terry_loss
+from alignment.models import load_tokenizer
+from alignment.tracking import make_tracker
+from alignment.training import (
+    build_optimizer,
+    build_scheduler,
+    find_checkpoint,
+    load_checkpoint,
+    plan_batches,
+    print0,
+    save_checkpoint,
+    save_final_model,
+)
+from reward.model import SequenceScores, load_reward_model
+
+
+@dataclass
+class RewardModelConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Share of the pairs held out (chosen with data.seed) for eval/accuracy; never trained on.
+    eval_fraction: float = 0.1
+    # Evaluate every N optimizer steps (0: only at the end).
+    eval_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def pair_scores(scorer, pairs: list[PairSequences], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and rejected answers of a micro-batch: two (B,) tensors."""
+    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
+    batch = collate(seqs).to(device)
+    last = torch.tensor([len(s.input_ids) for s in seqs], device=device).cumsum(0) - 1
+    scores = scorer(batch.input_ids, batch.position_ids, last)  # (2B,)
+    return scores[0::2], scores[1::2]
+
+
+@torch.no_grad()
+def evaluate(scorer, pairs: list[PairSequences], accelerator, batch_size: int) -> float:
+    """Held-out accuracy: the share of pairs whose chosen answer scores higher. Each process takes a stride."""
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    wins = []
+    for s in range(0, len(mine), batch_size):
+        with accelerator.autocast():
+            c, r = pair_scores(scorer, [pairs[i] for i in mine[s : s + batch_size]], accelerator.device)
+        wins += (c > r).tolist()
+    wins = gather_object(wins)
+    return sum(wins) / max(1, len(wins))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg: RewardModelConfig = parse_cli(RewardModelConfig, sys.argv[1:] if argv is None else argv)
+    tc = cfg.training
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(tc.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tracker = make_tracker(cfg.logging, tc.output_dir, to_dict(cfg), accelerator.is_main_process)
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    report = DataReport()
+    examples = load_examples(cfg.data, normalize_preference_row, report, rank0=accelerator.is_main_process)
+    pairs = [tokenize_pair(tokenizer, ex, cfg.data.max_length, cfg.data.overlong, report, f"pair {i}") for i, ex in enumerate(examples)]
+    pairs = [p for p in pairs if p is not None]
+    order = list(range(len(pairs)))
+    random.Random(cfg.data.seed).shuffle(order)
+    n_eval = int(len(pairs) * cfg.eval_fraction)
+    eval_pairs, pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+    for line in report.lines():
+        print0(accelerator, f"[data] {line}")
+    plan = plan_batches(len(pairs), tc, world, cfg.data.seed)
+    print0(accelerator, f"[data] {len(pairs)} training pairs, {len(eval_pairs)} held out, {len(plan)} steps")
+
+    model, _ = load_reward_model(
+        cfg.model.name_or_path, cfg.model.dtype, trainable=True, attn=cfg.model.attn_implementation
+    )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
+    scorer, optimizer = accelerator.prepare(SequenceScores(model), optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    start = 0
+    resume = find_checkpoint(tc.output_dir, tc.resume_from_checkpoint)
+    if resume is not None:
+        start = load_checkpoint(accelerator, resume)
+
+    bar = tqdm(total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
+    for step in range(start, len(plan)):
+        scorer.train()
+        G = plan.global_batch_size
+        sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+        micro = plan.micro_batches(step, rank, world, tc.gradient_accumulation_steps)
+        for k, idxs in enumerate(micro):
+            sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer)
+            with sync, accelerator.autocast():
+                c, r = pair_scores(scorer, [pairs[i] for i in idxs], accelerator.device)
+                losses = bradley_terry_loss(c, r)
+                accelerator.backward(losses.sum() / G * world)
+            sums += torch.stack([losses.detach().sum(), (c > r).sum(), (c - r).detach().sum()]).double()
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), tc.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss, acc, margin = (accelerator.reduce(sums, reduction="sum") / G).tolist()
+        metrics = {"loss": loss, "accuracy": acc, "margin": margin, "learning_rate": lr, "grad_norm": float(grad_norm)}
+        last = step == len(plan) - 1
+        if eval_pairs and (last or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0)):
+            scorer.eval()
+            metrics["eval/accuracy"] = evaluate(scorer, eval_pairs, accelerator, tc.per_device_batch_size)
+        if (step + 1) % tc.logging_steps == 0 or last or "eval/accuracy" in metrics:
+            tracker.log(metrics, step + 1)
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}")
+        bar.update(1)
+        if tc.save_steps and (step + 1) % tc.save_steps == 0 and not last:
+            save_checkpoint(accelerator, tc.output_dir, step + 1, tc.save_total_limit, {"loss": loss})
+    bar.close()
+
+    save_final_model(accelerator, scorer, tokenizer, tc.output_dir, cfg)
+    final = {"steps": len(plan), "train_pairs": len(pairs), "eval_pairs": len(eval_pairs)}
+    if eval_pairs:
+        final["eval/accuracy"] = metrics.get("eval/accuracy")
+        print0(accelerator, f"[eval] held-out accuracy {final['eval/accuracy']:.3f} on {len(eval_pairs)} pairs")
+    tracker.summary(final)
+    tracker.close()
+    print0(accelerator, f"[train] saved {tc.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
