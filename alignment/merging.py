@@ -163,25 +163,32 @@ def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Te
     return kept
 
 
+def _elected_positive(delta_hat: torch.Tensor, tau_tilde: torch.Tensor) -> torch.Tensor:
+    """True where the elected sign is +: delta_hat + tau_tilde >= 0 (a zero sum counts as positive)."""
+    return (delta_hat + tau_tilde) >= 0
+
+
 def elect_sign(delta_hat: torch.Tensor, tau_tilde: torch.Tensor) -> torch.Tensor:
     """TIES' sign election for two tensors: +1 where delta_hat + tau_tilde >= 0 (zero counts as +), else -1.
 
     The result has the promoted dtype of the two inputs.
     """
-    total = delta_hat + tau_tilde
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    dtype = torch.promote_types(delta_hat.dtype, tau_tilde.dtype)
+    return torch.where(_elected_positive(delta_hat, tau_tilde), 1.0, -1.0).to(dtype)
 
 
 def disjoint_merge(delta_hat: torch.Tensor, tau_tilde: torch.Tensor, alpha: float) -> torch.Tensor:
-    """OnTIES' merged update: (1 - alpha) * Delta'' + alpha * tau''.
+    """OnTIES' merged update: (1 - alpha) * Delta'' + alpha * tau'', in delta_hat's dtype.
 
     Delta'' and tau'' are ``delta_hat`` and ``tau_tilde`` with the entries whose sign disagrees with the
     elected sign (``elect_sign``) zeroed. Zero entries stay zero whatever the elected sign.
     """
-    sign = elect_sign(delta_hat, tau_tilde)
-    zero = torch.zeros((), dtype=sign.dtype, device=sign.device)
-    delta_agreed = torch.where(delta_hat * sign > 0, delta_hat, zero)
-    tau_agreed = torch.where(tau_tilde * sign > 0, tau_tilde, zero)
+    positive = _elected_positive(delta_hat, tau_tilde)
+    # An entry agrees when its sign is the elected one. Zeros "agree" only with +, which changes nothing:
+    # a kept zero adds zero. Boolean masks instead of products with the +-1 signs: 1 byte per entry, not 4.
+    zero = torch.zeros((), dtype=delta_hat.dtype, device=delta_hat.device)
+    delta_agreed = torch.where((delta_hat >= 0) == positive, delta_hat, zero)
+    tau_agreed = torch.where((tau_tilde >= 0) == positive, tau_tilde, zero.to(tau_tilde.dtype))
     return delta_agreed.mul_(1 - alpha).add_(tau_agreed, alpha=alpha)
 
 
