@@ -442,7 +442,7 @@ def _pythons(config: SandboxConfig) -> list[str]:
 def _detect(config: SandboxConfig) -> _Setup:
     """Try launcher x interpreter combinations, strongest first; keep the first the probe program passes."""
     is_root = os.geteuid() == 0
-    key = (is_root, config.python, config.run_as_uid, config.run_as_gid, config.tmp_dir)
+    key = (is_root, config.python, config.run_as_uid, config.run_as_gid)
     with _SETUP_LOCK:
         if key in _SETUP_CACHE:
             return _SETUP_CACHE[key]
