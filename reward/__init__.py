@@ -1,0 +1,33 @@
+"""Verifiable rewards (math, instruction following, code, generated verifiers), their composition, and the
+sandbox that runs model-written code. See ``reward.compose`` for building a recipe's reward from specs."""
+
+from reward.base import Prompt, RewardFunction, RewardOutput
+from reward.compose import (
+    ComposedReward,
+    RewardSpec,
+    available_rewards,
+    build_reward,
+    make_reward,
+    register_reward,
+    safe_call,
+)
+from reward.sandbox import Sandbox, SandboxConfig, SandboxJob, SandboxResult, Status, isolation_report
+
+__all__ = [
+    "ComposedReward",
+    "Prompt",
+    "RewardFunction",
+    "RewardOutput",
+    "RewardSpec",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxJob",
+    "SandboxResult",
+    "Status",
+    "available_rewards",
+    "build_reward",
+    "isolation_report",
+    "make_reward",
+    "register_reward",
+    "safe_call",
+]
