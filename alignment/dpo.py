@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from alignment import losses as L
@@ -55,6 +54,7 @@ from alignment.training import (
     build_scheduler,
     find_checkpoint,
     load_checkpoint,
+    make_accelerator,
     plan_batches,
     print0,
     save_checkpoint,
@@ -195,10 +195,7 @@ def setup_reference(cfg: DPOConfig, model, pairs, accelerator):
 def main(argv: list[str] | None = None) -> None:
     cfg: DPOConfig = parse_cli(DPOConfig, sys.argv[1:] if argv is None else argv)
     tc = cfg.training
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(tc)
     set_seed(tc.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     tracker = make_tracker(cfg.logging, tc.output_dir, to_dict(cfg), accelerator.is_main_process)

@@ -22,8 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from alignment.config import LoggingConfig, ModelConfig, OptimizerConfig, SchedulerConfig, TrainingConfig, parse_cli, to_dict
@@ -37,6 +36,7 @@ from alignment.training import (
     build_scheduler,
     find_checkpoint,
     load_checkpoint,
+    make_accelerator,
     plan_batches,
     print0,
     save_checkpoint,
@@ -88,10 +88,7 @@ def evaluate(scorer, pairs: list[PairSequences], accelerator, batch_size: int) -
 def main(argv: list[str] | None = None) -> None:
     cfg: RewardModelConfig = parse_cli(RewardModelConfig, sys.argv[1:] if argv is None else argv)
     tc = cfg.training
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(tc)
     set_seed(tc.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     tracker = make_tracker(cfg.logging, tc.output_dir, to_dict(cfg), accelerator.is_main_process)

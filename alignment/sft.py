@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from alignment.config import (
@@ -50,6 +49,7 @@ from alignment.training import (
     build_scheduler,
     find_checkpoint,
     load_checkpoint,
+    make_accelerator,
     plan_batches,
     print0,
     save_checkpoint,
@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     # Set-up order matters: the accelerator first (it decides the device and process group), then the data,
     # so a bad row fails in seconds and before a model is loaded, then the model, then the optimizer over its
     # trainable parameters, and last `prepare`, which wraps the model for DDP / FSDP.
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(tc)
     set_seed(tc.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     tracker = make_tracker(cfg.logging, tc.output_dir, to_dict(cfg), accelerator.is_main_process)

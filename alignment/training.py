@@ -24,6 +24,33 @@ from torch import nn
 from alignment.config import OptimizerConfig, SchedulerConfig, TrainingConfig, to_dict
 
 
+def make_accelerator(tc: TrainingConfig):
+    """The Accelerator every entry point uses.
+
+    On a machine without CUDA, processes started by torchrun (``accelerate launch --multi_gpu`` or a DDP
+    config) only form a process group when Accelerator is told ``cpu=True``; otherwise each one silently trains
+    alone with world size 1. We set it, and refuse to run if the launcher's world size was still lost.
+    """
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=tc.mixed_precision,
+        # MoE layers leave unrouted experts without gradients in a step.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched {launched} processes but the process group has {accelerator.num_processes}; "
+            "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or a recipes/accelerate config"
+        )
+    return accelerator
+
+
 def print0(accelerator, *args) -> None:
     if accelerator.is_main_process:
         print(*args, flush=True)

@@ -33,10 +33,22 @@ def cfg_for(*paths, **kw) -> SFTDataConfig:
 @pytest.mark.parametrize(
     "row, field",
     [
-        ({"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]}, r"messages\[1\]\.role': missing"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, r"messages\[1\]\.role': unknown role 'bot'"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, r"messages\[1\]\.content': empty assistant turn"),
-        ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, r"messages\[0\]\.content': expected a string, got int"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]},
+            r"messages\[1\]\.role': missing",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]},
+            r"messages\[1\]\.role': unknown role 'bot'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+            r"messages\[1\]\.content': empty assistant turn",
+        ),
+        (
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},
+            r"messages\[0\]\.content': expected a string, got int",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}]}, r"messages': no assistant turn"),
         ({"text": "hi"}, r"messages': missing"),
         ({"prompt": "hi", "completion": ""}, r"completion': empty assistant turn"),
@@ -75,15 +87,22 @@ def test_formats_json_parquet_and_prompt_completion(tmp_path):
 
     (tmp_path / "a.json").write_text(json.dumps([GOOD]))
     pq.write_table(pa.Table.from_pylist([{"prompt": "2+2?", "completion": "4"}]), tmp_path / "b.parquet")
-    rows = load_examples(cfg_for(tmp_path / "a.json", tmp_path / "b.parquet"), normalize_sft_row, DataReport())
+    rows = load_examples(
+        cfg_for(tmp_path / "a.json", tmp_path / "b.parquet"), normalize_sft_row, DataReport()
+    )
     assert sorted(r[-1]["content"] for r in rows) == ["4", "hello"]
-    assert [m["role"] for m in normalize_sft_row({"prompt": "q", "completion": "a"}, "x")] == ["user", "assistant"]
+    assert [m["role"] for m in normalize_sft_row({"prompt": "q", "completion": "a"}, "x")] == [
+        "user",
+        "assistant",
+    ]
 
 
 def test_mixture_weights_and_seed(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(10)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "x"} for i in range(10)])
-    cfg = SFTDataConfig(sources=[DataSource(path=str(a), weight=0.5), DataSource(path=str(b), weight=2.0)], seed=3)
+    cfg = SFTDataConfig(
+        sources=[DataSource(path=str(a), weight=0.5), DataSource(path=str(b), weight=2.0)], seed=3
+    )
     rows = load_examples(cfg, normalize_sft_row, DataReport())
     firsts = [r[0]["content"][0] for r in rows]
     assert firsts.count("a") == 5 and firsts.count("b") == 20
@@ -96,7 +115,11 @@ def test_preference_formats_explicit_and_implicit_prompt():
     explicit = normalize_preference_row({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "x")
     user = {"role": "user", "content": "2+2?"}
     implicit = normalize_preference_row(
-        {"chosen": [user, {"role": "assistant", "content": "4"}], "rejected": [user, {"role": "assistant", "content": "5"}]}, "x"
+        {
+            "chosen": [user, {"role": "assistant", "content": "4"}],
+            "rejected": [user, {"role": "assistant", "content": "5"}],
+        },
+        "x",
     )
     assert explicit == implicit
     assert implicit.prompt == [user] and implicit.chosen[0]["content"] == "4"
@@ -118,7 +141,12 @@ def test_labels_cover_assistant_tokens_only(qwen_tokenizer):
     learned = [lab for lab in labels if lab != IGNORE]
     # Exactly the answers and their end-of-turn tokens, in order.
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    expected = tok("4", add_special_tokens=False).input_ids + [im_end] + tok("It is 6.", add_special_tokens=False).input_ids + [im_end]
+    expected = (
+        tok("4", add_special_tokens=False).input_ids
+        + [im_end]
+        + tok("It is 6.", add_special_tokens=False).input_ids
+        + [im_end]
+    )
     assert learned == expected
     # Labels are shifted: a label at t is the token at t + 1.
     for t, lab in enumerate(labels[:-1]):

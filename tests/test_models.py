@@ -14,11 +14,21 @@ UNICODE = "héllo wörld — 你好，世界! 🤖🚀 ∑x² ‰ \t\n  spaces  
 def test_qwen2_tokenizer_facts(qwen_tokenizer):
     tok = qwen_tokenizer
     assert len(tok) == 151_643 + 3
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        151643,
+        151644,
+        151645,
+    ]
     assert tok.all_special_ids and set(tok.all_special_ids) <= {151643, 151644, 151645}
     # Known Qwen2 encodings.
     assert tok("Hello", add_special_tokens=False).input_ids == [9707]
-    assert tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False).input_ids == [151644, 872, 198, 6023, 151645]
+    assert tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False).input_ids == [
+        151644,
+        872,
+        198,
+        6023,
+        151645,
+    ]
     # Qwen2 splits digits one by one.
     assert len(tok("12345", add_special_tokens=False).input_ids) == 5
     # Byte-level: any Unicode round-trips exactly.
@@ -28,8 +38,13 @@ def test_qwen2_tokenizer_facts(qwen_tokenizer):
 
 
 def test_qwen2_chat_template(qwen_tokenizer):
-    text = qwen_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    text = qwen_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        text
+        == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert qwen_tokenizer.eos_token == "<|im_end|>" and qwen_tokenizer.pad_token == "<|endoftext|>"
 
 
@@ -77,10 +92,16 @@ def test_packed_logits_equal_logits_alone(name):
 
 
 def test_yarn_setting_stretches_the_context(tiny_qwen2):
-    cfg = ModelConfig(name_or_path=tiny_qwen2, rope_scaling=RopeScalingConfig(original_max_position_embeddings=8192))
+    cfg = ModelConfig(
+        name_or_path=tiny_qwen2, rope_scaling=RopeScalingConfig(original_max_position_embeddings=8192)
+    )
     model = load_causal_lm(cfg, 32768)
     rope = model.config.rope_parameters
-    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["original_max_position_embeddings"] == 8192
+    assert (
+        rope["rope_type"] == "yarn"
+        and rope["factor"] == 4.0
+        and rope["original_max_position_embeddings"] == 8192
+    )
     # No stretching needed, none applied.
     model = load_causal_lm(ModelConfig(name_or_path=tiny_qwen2, rope_scaling=RopeScalingConfig()), 1024)
     assert model.config.rope_parameters["rope_type"] == "default"
@@ -107,12 +128,19 @@ def test_smollm2_builtin_is_the_real_model():
     model = load_causal_lm(ModelConfig(name_or_path="smollm2-135m-instruct"), 2048, trainable=False)
     tok = load_tokenizer("smollm2-135m-instruct")
     c = model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (
+        30,
+        576,
+        9,
+        3,
+    )
     assert c.vocab_size == 49152 and c.tie_word_embeddings
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
     # It is a real instruct model: it knows the capital of France.
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
     )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     out = model.generate(ids, max_new_tokens=12, do_sample=False)

@@ -16,7 +16,12 @@ from alignment.training import lr_factor
 from tests.conftest import REPO, read_metrics, write_jsonl
 
 ROWS = [
-    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is {a + b}."}]}
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is {a + b}."},
+        ]
+    }
     for a, b in [(12, 30), (7, 5), (100, 23), (41, 9), (3, 3), (56, 44), (18, 2), (90, 9)]
 ]
 
@@ -68,7 +73,9 @@ def test_saved_model_loads_in_transformers_with_chat_template(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)  # no custom attention registered for loading
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
@@ -83,7 +90,13 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     Path(part, "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (Path(part) / "model.safetensors").unlink()
     assert sorted(p.name for p in Path(part).glob("checkpoint-*")) == ["checkpoint-3"]
-    run_sft(tmp_path, "part", "training.max_steps=6", "training.save_steps=3", "training.resume_from_checkpoint=latest")
+    run_sft(
+        tmp_path,
+        "part",
+        "training.max_steps=6",
+        "training.save_steps=3",
+        "training.resume_from_checkpoint=latest",
+    )
     a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
@@ -142,13 +155,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         "training.per_device_batch_size=1",
         "training.max_steps=3",
         "optimizer.lr=1e-3",
+        "scheduler.min_lr=1e-4",
+        "model.gradient_checkpointing=false",
         "logging.report_to=[]",
         "logging.progress_bar=false",
     ]
     one = run_sft(tmp_path, "one", *common[1:], "training.gradient_accumulation_steps=4", data=data)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"),
         *common, "training.gradient_accumulation_steps=2", f"training.output_dir={tmp_path / 'two'}",
     ]  # fmt: skip

@@ -1,0 +1,170 @@
+"""Offline DPO on tiny-qwen2: it learns the preferences, LoRA trains adapters only, the reference cache is
+keyed correctly and never trusts a damaged file, and 2 processes match 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.dpo import main as dpo_main
+from tests.conftest import REPO, read_metrics, write_jsonl
+
+PAIRS = [
+    {
+        "prompt": f"What is {a} plus {b}?",
+        "chosen": f"The answer is {a + b}.",
+        "rejected": f"The answer is {a + b + 1}.",
+    }
+    for a, b in [(12, 30), (7, 5), (100, 23), (41, 9), (3, 3), (56, 44), (18, 2), (90, 9)]
+]
+
+
+def run_dpo(tmp_path, name, *overrides, data=None, cache=None):
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    data = data or write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / name
+    dpo_main(
+        [
+            str(REPO / "recipes/dpo.yaml"),
+            "model.name_or_path=tiny-qwen2",
+            f"data.sources=[{{path: {data}}}]",
+            "data.max_length=64",
+            "training.per_device_batch_size=4",
+            "training.num_epochs=6",
+            "optimizer.lr=5e-4",
+            "scheduler.min_lr=5e-5",
+            "loss.beta=0.5",
+            f"reference.cache_dir={cache or tmp_path / 'refcache'}",
+            "logging.report_to=[]",
+            "logging.progress_bar=false",
+            f"training.output_dir={out}",
+            *overrides,
+        ]
+    )
+    return out
+
+
+def test_dpo_raises_margins_and_accuracy_and_changes_every_parameter(tmp_path, tiny_qwen2):
+    out = run_dpo(tmp_path, "run")
+    m = read_metrics(out)
+    names = {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "learning_rate",
+    }
+    assert names <= set(m[0])
+    assert m[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
+    assert m[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    late = m[-3:]
+    assert min(x["rewards/margins"] for x in late) > 0.5
+    assert min(x["rewards/accuracies"] for x in late) >= 0.75
+    before, after = load_file(f"{tiny_qwen2}/model.safetensors"), load_file(f"{out}/model.safetensors")
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
+@pytest.mark.parametrize("loss", ["ipo", "robust", "simpo"])
+def test_other_losses_train(tmp_path, loss):
+    extra = ["loss.label_smoothing=0.1"] if loss == "robust" else []
+    out = run_dpo(tmp_path, loss, f"loss.name={loss}", "training.num_epochs=3", "loss.nll_weight=0.1", *extra)
+    m = read_metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"]
+
+
+def test_lora_dpo_changes_only_adapter_weights(tmp_path, tiny_qwen2):
+    out = run_dpo(
+        tmp_path,
+        "lora",
+        "model.lora={r: 8, alpha: 16, dropout: 0.0}",
+        "training.num_epochs=2",
+        "optimizer.lr=1e-3",
+    )
+    m = read_metrics(out)
+    assert m[-1]["rewards/margins"] > 0  # the base-with-adapters-disabled reference differs from the policy
+    adapter = load_file(f"{out}/adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
+    base, merged = load_file(f"{tiny_qwen2}/model.safetensors"), load_file(f"{out}/model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(
+        k.endswith("proj.weight") for k in changed
+    )  # linear layers only, via merged adapters
+    assert "model.embed_tokens.weight" not in changed and not any("norm" in k for k in changed)
+
+
+def test_reference_cache_reused_rebuilt_on_new_key_and_on_damage(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    run_dpo(tmp_path, "a", "training.max_steps=1", cache=cache)
+    files = list(cache.glob("*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    assert "computed and cached" in capsys.readouterr().out
+
+    run_dpo(tmp_path, "b", "training.max_steps=1", cache=cache)  # same key: reused, file untouched
+    assert "reused" in capsys.readouterr().out and files[0].stat().st_mtime_ns == stamp
+
+    # A length that truncates every pair changes the tokens, so the key; one that truncates none would not.
+    run_dpo(tmp_path, "c", "training.max_steps=1", "data.max_length=24", cache=cache)
+    assert len(list(cache.glob("*.pt"))) == 2
+    assert "computed and cached" in capsys.readouterr().out
+
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) // 2])  # a partial write
+    run_dpo(tmp_path, "d", "training.max_steps=1", cache=cache)
+    out = capsys.readouterr().out
+    assert "damaged" in out and "computed and cached" in out
+    assert load_and_check(files[0])
+
+
+def load_and_check(path: Path) -> bool:
+    blob = torch.load(path, weights_only=True)
+    return blob["logps"].shape == (len(PAIRS), 2) and torch.isfinite(blob["logps"]).all().item()
+
+
+def test_reference_cache_rejects_tampered_numbers(tmp_path):
+    from alignment.reference import load_cache, save_cache
+
+    path = tmp_path / "k.pt"
+    save_cache(path, "key", torch.ones(3, 2, dtype=torch.float64))
+    assert load_cache(path, "key", 3) is not None
+    assert load_cache(path, "other-key", 3) is None
+    assert load_cache(path, "key", 4) is None
+    blob = torch.load(path, weights_only=True)
+    blob["logps"][0, 0] = 5.0  # numbers changed, checksum not updated
+    torch.save(blob, path)
+    assert load_cache(path, "key", 3) is None
+
+
+def test_two_processes_give_the_same_loss_as_one(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    common = [
+        "model.name_or_path=tiny-qwen2", f"data.sources=[{{path: {data}}}]", "data.max_length=64",
+        "training.max_steps=2", "optimizer.lr=5e-4", "loss.beta=0.5", "reference.mode=model",
+        "logging.report_to=[]", "logging.progress_bar=false", "training.per_device_batch_size=2",
+    ]  # fmt: skip
+    one = run_dpo(tmp_path, "one", *common, "training.gradient_accumulation_steps=2", data=data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "alignment/dpo.py"), str(REPO / "recipes/dpo.yaml"),
+        *common, "training.gradient_accumulation_steps=1", f"training.output_dir={tmp_path / 'two'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_metrics(one), read_metrics(tmp_path / "two")
+    for x, y in zip(a, b, strict=True):
+        for k in ("loss", "rewards/margins", "logps/chosen"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
