@@ -57,11 +57,14 @@ def _last_boxed(text: str) -> str | None:
 
 
 def _clean(answer: str) -> str:
-    # Markdown bold, $...$ and a sentence's final period wrap answers but are not part of them.
-    answer = answer.strip().strip("*").strip()
-    answer = answer.rstrip(".").strip()
-    if answer.startswith("$") and answer.endswith("$"):
-        answer = answer.strip("$").strip()
+    # Markdown bold, $...$ or \(...\) and a sentence's final period wrap answers but are not part of them.
+    previous = None
+    while answer != previous:
+        previous = answer
+        answer = answer.strip().strip("*").rstrip(".").strip()
+        for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+            if len(answer) > len(left) + len(right) and answer.startswith(left) and answer.endswith(right):
+                answer = answer[len(left) : -len(right)]
     return answer
 
 
