@@ -20,6 +20,7 @@ base weights is not counted. Simplifications: one process, CPU only, no forward 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import subprocess
@@ -68,6 +69,17 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(f"{field} not found in /proc/self/status: this benchmark needs Linux")
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS, so that RSS counts live tensors only."""
+    gc.collect()
+    # glibc keeps freed blocks below its mmap threshold (tensors up to 32 MiB) in the heap, resident: without
+    # this the freed base weights would count as memory the merging optimizers hold.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS then also counts freed blocks
+
+
 def _reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
     try:
@@ -84,7 +96,7 @@ def _build_optimizer(name: str, params: dict[str, torch.nn.Parameter], tau_dtype
         return torch.optim.AdamW(params.values(), lr=1e-5, weight_decay=0.01), 0.0
     # The policy starts at the reference, as after SFT; the base differs from it by a small random tau.
     reference = {n: p.detach() for n, p in params.items()}
-    base = {n: t - 0.01 * torch.randn_like(t) for n, t in reference.items()}
+    base = {n: t - torch.empty_like(t).uniform_(-0.01, 0.01) for n, t in reference.items()}
     start = time.perf_counter()
     optimizer = OnlineMergingOptimizer(
         params.items(),
@@ -101,40 +113,59 @@ def _build_optimizer(name: str, params: dict[str, torch.nn.Parameter], tau_dtype
     return optimizer, time.perf_counter() - start
 
 
+def _timed_step(optimizer: torch.optim.Optimizer) -> float:
+    start = time.perf_counter()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
 def run_worker(name: str, steps: int, dtype: torch.dtype, tau_dtype: torch.dtype | None) -> dict:
-    """Time `steps` optimizer steps (after one warm-up step that allocates the state) in this process."""
-    torch.manual_seed(0)
+    """Measure one optimizer in this (fresh) process: memory first, then time against AdamW.
+
+    Memory: the peak RSS over one step (which allocates the moments), above parameters and gradients. Time:
+    `steps` steps of the optimizer interleaved with `steps` of a torch AdamW on the same parameters, so that
+    both see the same load from other processes on the machine (the AdamW states are built after the
+    memory reading and do not count in it).
+    """
+    # Uniform rather than normal values: several times faster to draw, and the optimizers do not care.
+    shapes = smollm2_135m_shapes()
     params = {
-        n: torch.nn.Parameter(torch.randn(s, dtype=dtype) * 0.02) for n, s in smollm2_135m_shapes().items()
+        n: torch.nn.Parameter(torch.empty(s, dtype=dtype).uniform_(-0.04, 0.04)) for n, s in shapes.items()
     }
     for p in params.values():
-        p.grad = torch.randn_like(p) * 1e-3
+        p.grad = torch.empty_like(p).uniform_(-1e-3, 1e-3)
+    _release_freed_memory()
     rss_params_grads = _rss_mib("VmRSS")
 
     optimizer, build_s = _build_optimizer(name, params, tau_dtype)
-    gc.collect()  # the base weights are garbage now: only tau remains
+    _release_freed_memory()  # the base weights are garbage now: only tau remains
     peak_reset = _reset_peak_rss()
-
-    optimizer.step()  # warm-up: allocates the moments
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
+    optimizer.step()  # allocates the moments
+    peak_extra_mib = _rss_mib("VmHWM") - rss_params_grads
     state_bytes = sum(
         t.numel() * t.element_size()
         for state in optimizer.state.values()
         for t in state.values()
         if isinstance(t, torch.Tensor)
     )
+
+    adamw = optimizer if name == "adamw" else _build_optimizer("adamw", params, None)[0]
+    adamw.step()  # warm-up
+    adamw_times, times = [], []
+    for _ in range(steps):
+        adamw_times.append(_timed_step(adamw))
+        if adamw is not optimizer:
+            times.append(_timed_step(optimizer))
+    times = times or adamw_times
     return {
         "name": name,
         "numel": sum(p.numel() for p in params.values()),
         "tensors": len(params),
         "build_s": build_s,
         "step_s": sum(times) / len(times),
+        "adamw_step_s": sum(adamw_times) / len(adamw_times),
         "state_mib": state_bytes / MiB,
-        "peak_extra_mib": _rss_mib("VmHWM") - rss_params_grads,
+        "peak_extra_mib": peak_extra_mib,
         "peak_reset": peak_reset,
     }
 
@@ -144,27 +175,48 @@ def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     first = rows[0]
     print(
         f"SmolLM2-135M shapes: {first['tensors']} tensors, {first['numel'] / 1e6:.1f} M parameters, "
-        f"{args.dtype}, tau_dtype {args.tau_dtype or 'as parameters'}, {args.steps} timed steps after 1 warm-up, "
-        f"{torch.get_num_threads()} threads"
+        f"{args.dtype}, tau_dtype {args.tau_dtype or 'as parameters'}, {torch.get_num_threads()} threads; "
+        f"mean of {args.steps} steps interleaved with AdamW's in the same process"
     )
-    header = (
-        f"{'optimizer':<10}{'step s':>9}{'x AdamW':>9}{'state MiB':>11}{'x AdamW':>9}{'peak extra MiB':>16}"
-    )
-    print(header + f"{'x AdamW':>9}{'build s':>9}")
-    for row in rows:
-        print(
-            f"{row['name']:<10}{row['step_s']:>9.3f}{row['step_s'] / adamw['step_s']:>9.2f}"
-            f"{row['state_mib']:>11.0f}{row['state_mib'] / adamw['state_mib']:>9.2f}"
-            f"{row['peak_extra_mib']:>16.0f}{row['peak_extra_mib'] / adamw['peak_extra_mib']:>9.2f}"
-            f"{row['build_s']:>9.2f}"
+    columns = [
+        "optimizer",
+        "step s",
+        "AdamW s",
+        "x AdamW",
+        "state MiB",
+        "x AdamW",
+        "peak extra MiB",
+        "x AdamW",
+    ]
+    widths = [10, 9, 9, 9, 11, 9, 16, 9, 9]
+    print(
+        "".join(
+            f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(columns + ["build s"], widths))
         )
+    )
+    for row in rows:
+        values = [
+            f"{row['step_s']:.3f}",
+            f"{row['adamw_step_s']:.3f}",
+            f"{row['step_s'] / row['adamw_step_s']:.2f}",
+            f"{row['state_mib']:.0f}",
+            f"{row['state_mib'] / adamw['state_mib']:.2f}",
+            f"{row['peak_extra_mib']:.0f}",
+            f"{row['peak_extra_mib'] / adamw['peak_extra_mib']:.2f}",
+            f"{row['build_s']:.2f}",
+        ]
+        print(f"{row['name']:<{widths[0]}}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths[1:])))
+    print("state: optimizer state tensors; peak extra: peak RSS over one step above parameters and gradients")
     if not all(row["peak_reset"] for row in rows):
         print("note: the kernel refused to reset the peak RSS; peak extra includes building tau")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per optimizer (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per optimizer (after 1 warm-up)")
+    # The step is memory-bound elementwise work: a second thread gains little, and on a shared machine a
+    # descheduled thread stalls every op, so one thread gives steadier figures.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--tau-dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
@@ -177,21 +229,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     tau_dtype = getattr(torch, args.tau_dtype) if args.tau_dtype else None
 
+    torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.steps, dtype, tau_dtype)))
         return
     rows = []
     for name in args.optimizers:
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--steps",
-            str(args.steps),
-            "--dtype",
-            args.dtype,
-        ]
+        command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
+        command += ["--dtype", args.dtype, "--threads", str(args.threads)]
         if args.tau_dtype:
             command += ["--tau-dtype", args.tau_dtype]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
