@@ -36,7 +36,7 @@ Choices (see each option in ``OnlineMergingOptimizer``):
 
 - The merge term alpha * tau_tilde is NOT scaled by the learning rate, as in the paper: it is added in full
   on every merge step, also during warm-up and after decay. After T merge steps with zero gradients theta has
-  moved by exactly T * alpha * tau_tilde, so alpha is small in practice (the paper uses about 1e-5 to 1e-4).
+  moved by exactly T * alpha * tau_tilde, so alpha must be small next to 1 / (number of steps).
 - ``rescale=True`` replaces the 1/p factor (OnDARE) or the absent factor (OnTIES) by renormalising the kept
   entries to the L1 norm of the dense tensor.
 - ``use_merge=False`` drops the merge entirely (alpha is ignored): theta += Delta_hat. OnDARE is then gradient
@@ -59,16 +59,18 @@ Choices (see each option in ``OnlineMergingOptimizer``):
 
 Memory: one extra parameter-sized buffer (tau_tilde) beyond AdamW's two moments; ``tau_dtype=torch.bfloat16``
 halves it for float32 parameters (tau_tilde is computed in at least float32, then stored rounded). Each step
-also allocates transient buffers of the size of the tensor being stepped (the update, the mask, and for
-OnTIES the magnitudes and elected signs). The base model is only needed to compute tau: the optimizer keeps
+also allocates transient buffers of the size of the tensor being stepped (the update, the mask, the masked
+and merged updates, and for OnTIES the magnitudes). The base model is only needed to compute tau: the optimizer keeps
 no reference to ``reference`` or ``base``; drop your own handles to free them.
 
 Randomness: the masks come from a ``torch.Generator`` per device, seeded with ``seed`` (``None``: the value
 of ``torch.initial_seed()``) and saved in ``state_dict()``, so a resumed run draws the same masks and ends
 with bitwise-identical weights. Under DDP every rank must draw the same masks: pass the same seed on every
 rank. Under FSDP each rank holds shards of each parameter: masks and the top-k are then per shard (k counts
-the shard's entries), ``reference`` / ``base`` must hold this rank's shards under the policy's names, and
-seeding each rank differently (``seed + rank``) keeps the shards' masks independent.
+the shard's entries), ``reference`` / ``base`` must hold this rank's shards under the policy's names (the
+shape check names any parameter that does not match), and seeding each rank differently (``seed + rank``)
+keeps the shards' masks independent. Only the single-process case is tested; FSDP2's DTensor parameters are
+refused with an error (masks and top-k would need their local shards).
 
 Usage::
 
@@ -87,6 +89,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: there are no DTensors to refuse
+    DTensor = None
 
 MODES = ("ondare", "onties")
 
@@ -211,8 +218,9 @@ def adamw_update(
 ) -> torch.Tensor:
     """Advance AdamW's moments in place and return its update Delta (without weight decay).
 
-    The arithmetic is ``torch.optim.AdamW``'s single-tensor path, operation for operation, so that with p = 1
-    and no merge the optimizer matches it to the last bits.
+    The arithmetic is ``torch.optim.AdamW``'s single-tensor path, except that the final ``addcdiv_`` into the
+    parameter is split into this update and an add: with p = 1 and no merge the optimizer matches AdamW to
+    rounding (about 1e-16 relative in float64).
     """
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -263,11 +271,17 @@ class _TensorLookup:
             self.by_canonical[canonical] = None if canonical in self.by_canonical else key
 
     def get(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        key = name if name in self.tensors else self.by_canonical.get(_canonical_name(name))
+        canonical = _canonical_name(name)
+        key = name if name in self.tensors else self.by_canonical.get(canonical)
+        if key is None and canonical in self.by_canonical:
+            raise KeyError(
+                f"OnlineMergingOptimizer: parameter '{name}' matches several {self.role} tensors once wrapper "
+                f"prefixes are removed ('{canonical}'); pass a {self.role} whose names are the policy's exactly"
+            )
         if key is None:
             raise KeyError(
                 f"OnlineMergingOptimizer: parameter '{name}' has no tensor in {self.role} (looked up as "
-                f"'{name}' and '{_canonical_name(name)}'). Pass a {self.role} with the policy's parameter "
+                f"'{name}' and '{canonical}'). Pass a {self.role} with the policy's parameter "
                 f"names (the same architecture), or set requires_grad=False on parameters not to optimise."
             )
         tensor = self.tensors[key]
@@ -301,6 +315,14 @@ def _named_groups(named_params: Iterable[Any]) -> list[dict[str, Any]]:
                 )
         # Frozen parameters get no state and no tau: they cost no memory and need no reference entry.
         trainable = [(name, param) for name, param in pairs if param.requires_grad]
+        for name, param in trainable:
+            # FSDP2 parameters are DTensors whose shape is the global one: masks and top-k would need the
+            # local shard (to_local()), which this optimizer does not do yet.
+            if DTensor is not None and isinstance(param, DTensor):
+                raise NotImplementedError(
+                    f"OnlineMergingOptimizer: parameter '{name}' is a DTensor (FSDP2); DTensor parameters are "
+                    f"not supported: use DDP, FSDP1 or a single process"
+                )
         groups.append({**raw, "params": [p for _, p in trainable], "param_names": [n for n, _ in trainable]})
     if not any(group["params"] for group in groups):
         raise ValueError("OnlineMergingOptimizer: no parameter requires grad; unfreeze the ones to train")
@@ -309,6 +331,21 @@ def _named_groups(named_params: Iterable[Any]) -> list[dict[str, Any]]:
 
 def _check_group(group: dict[str, Any]) -> None:
     """Guard clauses on one param group's options (defaults or per-group overrides)."""
+    for key in (
+        "reserve_p",
+        "alpha",
+        "lr",
+        "eps",
+        "weight_decay",
+        *(() if group["clip"] is None else ("clip",)),
+    ):
+        value = group[key]
+        # PyYAML reads 1e-5 (no dot) as a string: say so rather than fail on a comparison below.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(
+                f"OnlineMergingOptimizer: {key} must be a number, got {value!r} ({type(value).__name__}); "
+                f"in YAML write floats with a dot, e.g. 1.0e-5"
+            )
     checks = [
         (group["mode"] in MODES, f"mode must be one of {MODES}, got {group['mode']!r}"),
         (0 < group["reserve_p"] <= 1, f"reserve_p must be in (0, 1], got {group['reserve_p']}; 1 keeps all"),

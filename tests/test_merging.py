@@ -6,8 +6,10 @@ Everything runs on CPU in float64 where exactness matters; the whole file takes 
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
+import weakref
 
 import pytest
 import torch
@@ -72,9 +74,15 @@ def test_keep_all_without_merge_is_adamw_step_for_step(mode, alpha, use_merge):
     reference, base = _reference_and_base(model)
     hyper = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
     opt = OnlineMergingOptimizer(
-        model.named_parameters(), reference=reference, base=base, mode=mode, reserve_p=1.0, alpha=alpha,
-        use_merge=use_merge, **hyper,
-    )  # fmt: skip
+        model.named_parameters(),
+        reference=reference,
+        base=base,
+        mode=mode,
+        reserve_p=1.0,
+        alpha=alpha,
+        use_merge=use_merge,
+        **hyper,
+    )
     adamw = torch.optim.AdamW(twin.parameters(), **hyper)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _warmup_then_decay) for o in (opt, adamw)]
     for _ in range(12):
@@ -105,9 +113,15 @@ def test_zero_grads_move_theta_by_t_alpha_tau_tilde(mode, lr):
     tau = torch.tensor([0.125, -0.25, 0.75, -0.625, 0.0625, 0.5, -0.875, 0.375], dtype=DTYPE)
     reserve_p, alpha, steps = 0.5, 0.25, 5
     opt = OnlineMergingOptimizer(
-        [("theta", theta)], reference={"theta": tau.clone()}, base={"theta": torch.zeros(8, dtype=DTYPE)},
-        mode=mode, reserve_p=reserve_p, alpha=alpha, lr=lr, seed=3,
-    )  # fmt: skip
+        [("theta", theta)],
+        reference={"theta": tau.clone()},
+        base={"theta": torch.zeros(8, dtype=DTYPE)},
+        mode=mode,
+        reserve_p=reserve_p,
+        alpha=alpha,
+        lr=lr,
+        seed=3,
+    )
     tau_tilde = opt.state[theta]["tau"].clone()
     # Each entry is dropped (0) or kept: scaled by 1/p for OnDARE, then clamped to [-1, 1].
     kept_value = (tau / reserve_p if mode == "ondare" else tau).clamp(-1, 1)
@@ -125,9 +139,15 @@ def test_ondare_clip_bounds_tau_tilde():
     theta = nn.Parameter(torch.zeros(1000, dtype=DTYPE))
     tau = torch.full((1000,), 0.75, dtype=DTYPE)
     opt = OnlineMergingOptimizer(
-        [("theta", theta)], reference={"theta": tau}, base={"theta": torch.zeros(1000, dtype=DTYPE)},
-        reserve_p=0.5, alpha=0.1, lr=0.1, clip=1.0, seed=0,
-    )  # fmt: skip
+        [("theta", theta)],
+        reference={"theta": tau},
+        base={"theta": torch.zeros(1000, dtype=DTYPE)},
+        reserve_p=0.5,
+        alpha=0.1,
+        lr=0.1,
+        clip=1.0,
+        seed=0,
+    )
     assert set(opt.state[theta]["tau"].unique().tolist()) == {0.0, 1.0}
 
 
@@ -139,9 +159,15 @@ def test_ondare_keeps_fraction_p_of_the_update_within_4_sigma():
     theta = nn.Parameter(torch.zeros(n, dtype=DTYPE))
     twin = nn.Parameter(torch.zeros(n, dtype=DTYPE))
     opt = OnlineMergingOptimizer(
-        [("theta", theta)], reference=None, base=None, reserve_p=reserve_p, alpha=0.0, lr=0.01,
-        use_merge=False, seed=0,
-    )  # fmt: skip
+        [("theta", theta)],
+        reference=None,
+        base=None,
+        reserve_p=reserve_p,
+        alpha=0.0,
+        lr=0.01,
+        use_merge=False,
+        seed=0,
+    )
     adamw = torch.optim.AdamW([twin], lr=0.01, weight_decay=0.0)
     grads = torch.randn(2, n, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     changed = []
@@ -219,9 +245,15 @@ def test_onties_optimizer_step_by_hand():
     theta = nn.Parameter(torch.zeros(4, dtype=DTYPE))
     tau = torch.tensor([0.25, 0.75, -0.125, -1.0], dtype=DTYPE)
     opt = OnlineMergingOptimizer(
-        [("w", theta)], reference={"w": tau}, base={"w": torch.zeros(4, dtype=DTYPE)}, mode="onties",
-        reserve_p=0.5, alpha=0.5, lr=0.5, eps=0.0,
-    )  # fmt: skip
+        [("w", theta)],
+        reference={"w": tau},
+        base={"w": torch.zeros(4, dtype=DTYPE)},
+        mode="onties",
+        reserve_p=0.5,
+        alpha=0.5,
+        lr=0.5,
+        eps=0.0,
+    )
     theta.grad = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=DTYPE)
     opt.step()
     assert torch.equal(theta.detach(), torch.tensor([-0.25, 0.625, -0.25, -0.5], dtype=DTYPE))
@@ -254,9 +286,15 @@ def test_merge_every_updates_all_tensors_and_merges_the_summed_adamw_steps(every
     reference, base = _reference_and_base(model)
     reserve_p, alpha = 0.5, 0.25
     opt = OnlineMergingOptimizer(
-        model.named_parameters(), reference=reference, base=base, mode="onties", reserve_p=reserve_p,
-        alpha=alpha, lr=0.01, merge_every=every,
-    )  # fmt: skip
+        model.named_parameters(),
+        reference=reference,
+        base=base,
+        mode="onties",
+        reserve_p=reserve_p,
+        alpha=alpha,
+        lr=0.01,
+        merge_every=every,
+    )
     adamw = torch.optim.AdamW(twin.parameters(), lr=0.01, weight_decay=0.0)
     for name, p in model.named_parameters():
         expected_tau = ties_trim(reference[name] - base[name], reserve_p).clamp(-1, 1)
@@ -293,9 +331,16 @@ def _build(model, *, seed, base_shift=0.0, **options):
     reference, base = _reference_and_base(_tiny_model())
     base = {n: t + base_shift for n, t in base.items()}
     opt = OnlineMergingOptimizer(
-        model.named_parameters(), reference=reference, base=base, reserve_p=0.5, alpha=0.05, lr=0.02,
-        weight_decay=0.01, seed=seed, **options,
-    )  # fmt: skip
+        model.named_parameters(),
+        reference=reference,
+        base=base,
+        reserve_p=0.5,
+        alpha=0.05,
+        lr=0.02,
+        weight_decay=0.01,
+        seed=seed,
+        **options,
+    )
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7)
 
 
@@ -385,6 +430,31 @@ def test_shape_mismatch_is_named():
         )
 
 
+def test_yaml_string_numbers_are_refused_with_a_hint():
+    """PyYAML reads 1e-5 (no dot) as a string: the error says so instead of failing on a comparison."""
+    model = _tiny_model()
+    reference, base = _reference_and_base(model)
+    with pytest.raises(TypeError, match=r"alpha must be a number, got '1e-5'.*1\.0e-5"):
+        OnlineMergingOptimizer(
+            model.named_parameters(), reference=reference, base=base, reserve_p=0.5, alpha="1e-5", lr=0.1
+        )
+
+
+def test_no_reference_to_the_base_is_kept():
+    """The base (and reference) model is only needed to compute tau: dropping our handle frees it."""
+    model = _tiny_model()
+    reference_model, base_model = copy.deepcopy(model), _tiny_model(seed=2)
+    opt = OnlineMergingOptimizer(
+        model.named_parameters(), reference=reference_model, base=base_model, reserve_p=0.5, alpha=0.1, lr=0.1
+    )
+    base_ref, reference_ref = weakref.ref(base_model), weakref.ref(reference_model)
+    del base_model, reference_model
+    gc.collect()
+    assert base_ref() is None and reference_ref() is None
+    _loss(model).backward()
+    opt.step()
+
+
 def test_unnamed_parameters_are_refused():
     model = _tiny_model()
     with pytest.raises(TypeError, match="named_parameters"):
@@ -421,9 +491,14 @@ def test_models_and_wrapper_prefixes_are_matched():
     reference_model, base_model = _tiny_model(seed=1), _tiny_model(seed=2)
     policy = Wrapper(copy.deepcopy(reference_model))
     opt = OnlineMergingOptimizer(
-        policy.named_parameters(), reference=reference_model, base=base_model, reserve_p=1.0, alpha=0.1,
-        lr=0.1, clip=None,
-    )  # fmt: skip
+        policy.named_parameters(),
+        reference=reference_model,
+        base=base_model,
+        reserve_p=1.0,
+        alpha=0.1,
+        lr=0.1,
+        clip=None,
+    )
     assert opt.param_groups[0]["param_names"][0] == "module.0.weight"
     for (name, p), ref, bas in zip(
         policy.named_parameters(), reference_model.parameters(), base_model.parameters()
@@ -489,9 +564,15 @@ def test_tau_dtype_bfloat16():
     model = _tiny_model()
     reference, base = _reference_and_base(model)
     opt = OnlineMergingOptimizer(
-        model.named_parameters(), reference=reference, base=base, reserve_p=0.5, alpha=0.25, lr=0.1,
-        tau_dtype=torch.bfloat16, seed=0,
-    )  # fmt: skip
+        model.named_parameters(),
+        reference=reference,
+        base=base,
+        reserve_p=0.5,
+        alpha=0.25,
+        lr=0.1,
+        tau_dtype=torch.bfloat16,
+        seed=0,
+    )
     before = _params(model)
     for p in model.parameters():
         assert opt.state[p]["tau"].dtype == torch.bfloat16
