@@ -41,6 +41,7 @@ Deliberate simplifications:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -380,6 +381,7 @@ def _boot_wait(pid: int, timeout_s: float) -> dict:
     return {"exit": os.WEXITSTATUS(status)}
 
 
+@functools.cache
 def _bootstrap_source() -> str:
     functions = (_boot_main, _boot_mount_private, _boot_child, _boot_drop_capabilities, _boot_wait)
     parts = [inspect.getsource(f) for f in functions]
