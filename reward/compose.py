@@ -21,8 +21,9 @@ score the items that passed them: a sandbox run is not spent on a completion the
 
 Registry: ``register_reward("name")`` decorates a factory (a class or function taking keyword params and
 returning a reward); ``RewardSpec.name`` picks it. A name "package.module:attribute" imports the factory
-directly, so new rewards (the reward model scorer) need no change here. Built-in names: ``math``,
-``format_boxed``, ``ifeval``, ``code``, ``format_code_block``, ``verifier``.
+directly, so a new reward needs no change here. Built-in names: ``math``, ``format_boxed``, ``ifeval``,
+``code``, ``format_code_block``, ``verifier``, and ``reward_model`` (``reward.model.RewardModelScorer``,
+imported only when a spec names it; params ``name_or_path``, ``device``, ...).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ RewardFactory = Callable[..., RewardFunction]
 _REGISTRY: dict[str, RewardFactory] = {}
 # Modules whose import registers the built-in rewards; imported on first lookup (they import this module).
 _BUILTIN_MODULES = ("reward.math_reward", "reward.ifeval", "reward.code_reward", "reward.verifier")
+# Built-ins imported only when used: the reward model pulls in torch and transformers.
+_LAZY = {"reward_model": "reward.model:RewardModelScorer"}
 Missing = Literal["none", "zero", "renormalize"]
 
 
@@ -70,7 +73,7 @@ def _load_builtins() -> None:
 
 def available_rewards() -> list[str]:
     _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_LAZY})
 
 
 def _factory(name: str) -> RewardFactory:
@@ -82,6 +85,8 @@ def _factory(name: str) -> RewardFactory:
             raise ValueError(f"reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from e
     if name not in _REGISTRY:
         _load_builtins()
+    if name not in _REGISTRY and name in _LAZY:
+        return _factory(_LAZY[name])
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown reward {name!r}; registered: {sorted(_REGISTRY)} (or use 'module:attribute')"

@@ -95,6 +95,13 @@ def test_module_attribute_names_need_no_registration():
     assert reward(["p"], ["\\boxed{1}"]).scores == [1.0]
 
 
+def test_reward_model_is_buildable_by_name_without_loading_it_early():
+    assert "reward_model" in available_rewards()
+    # The params are checked against RewardModelScorer's signature before any model is loaded.
+    with pytest.raises(ValueError, match=r"unknown params \['path'\].*'name_or_path'"):
+        make_reward("reward_model", path="x")
+
+
 def test_factory_must_return_a_reward(registry):
     registry("t_not_reward", lambda: 42)
     with pytest.raises(TypeError, match="no name/__call__"):
