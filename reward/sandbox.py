@@ -644,11 +644,7 @@ def _collect(proc: subprocess.Popen, status_file, deadline: float, cap: int) -> 
             if name != "status" and len(bufs[name]) > cap:
                 stopped = f"output on {name}"
     sel.close()
-    # Kill the whole group before reaping the launcher, so its pid (= the group id) cannot have been reused.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _kill_run(proc.pid)
     launcher_returncode = proc.wait()
     try:
         status = json.loads(bufs["status"]) if bufs["status"] else None
@@ -657,6 +653,32 @@ def _collect(proc: subprocess.Popen, status_file, deadline: float, cap: int) -> 
     truncated = len(bufs["stdout"]) > cap or len(bufs["stderr"]) > cap
     stdout, stderr = bytes(bufs["stdout"][:cap]), bytes(bufs["stderr"][:cap])
     return _Outcome(stdout, stderr, status, stopped, truncated, launcher_returncode)
+
+
+def _kill_run(pid: int) -> None:
+    """Kill what is left of a run: the launcher's children first, then its whole process group.
+
+    Killing the sandbox's PID 1 while the launcher (unshare) still lives lets the launcher reap it; killed
+    the other way round, PID 1 would be handed to the system's init and linger as a zombie until reaped.
+    The group is killed before the launcher is reaped, so its pid (= the group id) cannot have been reused.
+    """
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 0.5
+    while children and not _has_exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _has_exited(pid: int) -> bool:

@@ -428,6 +428,26 @@ def test_background_process_does_not_outlive_run(sandbox):
     assert left == []
 
 
+def test_timed_out_run_leaves_no_zombie(sandbox, monkeypatch):
+    # The sandbox's PID 1 must be reaped by the launcher, not handed to the system's init as a zombie.
+    seen = []
+    real = sandbox_module._kill_run
+
+    def recording(pid):
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                seen.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+        real(pid)
+
+    monkeypatch.setattr(sandbox_module, "_kill_run", recording)
+    assert sandbox.run("import time\ntime.sleep(30)", timeout_s=0.5).status is Status.TIMEOUT
+    if not seen:
+        pytest.skip("no /proc/<pid>/task/<pid>/children on this kernel")
+    assert [pid for pid in seen if os.path.exists(f"/proc/{pid}")] == []
+
+
 # ---------------------------------------------------------------- parallel runs, errors, config
 
 
