@@ -7,6 +7,7 @@ sandbox user runs no process it did not run before.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -145,8 +146,6 @@ def test_minimal_environment_and_fresh_cwd(sandbox):
     )
     first, second = sandbox.run(program), sandbox.run(program)
     assert first.status is Status.PASSED, first.stderr
-    import json
-
     seen = json.loads(first.stdout)
     assert set(seen["env"]) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR"}
     assert seen["files"] == ["left.txt"]
@@ -518,43 +517,40 @@ def test_unknown_required_layer_is_rejected():
 # ---------------------------------------------------------------- without root
 
 
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
 def _python_for_nobody() -> str | None:
+    """An interpreter that uid 65534 can run and that can import this checkout (None if there is none)."""
+    check = f"import json, socket, sys; sys.path.insert(0, {str(REPO)!r}); import reward.sandbox"
     for python in (sys.executable, "/usr/bin/python3"):
-        probe = [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            python,
-            "-c",
-            "import json, socket",
-        ]
-        if subprocess.run(probe, capture_output=True, cwd="/").returncode == 0:
+        if (
+            subprocess.run([*AS_NOBODY, python, "-I", "-c", check], capture_output=True, cwd="/").returncode
+            == 0
+        ):
             return python
     return None
 
 
-def test_works_without_root_and_reports_it(tmp_path):
+def test_works_without_root_and_reports_it():
     if not IS_ROOT or not shutil.which("setpriv"):
         pytest.skip("needs root to start a process as another user")
     python = _python_for_nobody()
     if python is None:
-        pytest.skip("no Python that uid 65534 can run")
+        pytest.skip("no Python that uid 65534 can run with this checkout on its path")
+    # -I drops PYTHONPATH, so the checkout goes on the path explicitly.
     script = (
-        "import json\n"
+        f"import json, sys\nsys.path.insert(0, {str(REPO)!r})\n"
         "from reward.sandbox import Sandbox, SandboxConfig\n"
         "sb = Sandbox(SandboxConfig(timeout_s=2, memory_mb=256))\n"
         "runs = sb.run_many(['print(1)', '1/0', 'while True: pass'])\n"
         "print(json.dumps({'report': sb.isolation_report().layers(), 'statuses': [r.status for r in runs]}))\n"
     )
-    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", script]
     env = {"PATH": os.environ["PATH"], "HOME": "/tmp"}
-    # -I drops PYTHONPATH, so run from the repo root (readable by everyone) and put it on the path explicitly.
-    cmd[-1] = f"import sys; sys.path.insert(0, {str(REPO)!r})\n" + script
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    done = subprocess.run(
+        [*AS_NOBODY, python, "-I", "-c", script], capture_output=True, text=True, env=env, cwd="/", timeout=60
+    )
     assert done.returncode == 0, done.stderr
-    import json
-
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["statuses"] == ["passed", "failed", "timeout"]
     assert seen["report"]["uid_drop"] is False  # reported as missing, not claimed
