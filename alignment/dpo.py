@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_causal_lm(cfg.model, cfg.data.max_length)
     ref_fn_for, ref_table = setup_reference(cfg, model, pairs, accelerator)
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
     accelerator.register_for_checkpointing(scheduler)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     scorer, optimizer = accelerator.prepare(SequenceScores(model), optimizer)
     accelerator.register_for_checkpointing(scheduler)

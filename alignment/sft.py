@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print0(accelerator, f"[data] {len(items)} sequences, {n_tokens} tokens, {len(plan)} optimizer steps")
 
     model = load_causal_lm(cfg.model, cfg.data.max_length)
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not `prepare`d: it would step once per process

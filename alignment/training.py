@@ -70,7 +70,9 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module, max_length: int = 2048) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimizerConfig, model: nn.Module, max_length: int = 2048, seed: int = 0
+) -> torch.optim.Optimizer:
     named = trainable_named_parameters(model)
     if not named:
         raise ValueError("the model has no trainable parameters")
@@ -83,7 +85,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, max_length: int = 20
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     from alignment.merging_setup import build_merging_optimizer
 
-    return build_merging_optimizer(cfg, model, named, max_length)
+    return build_merging_optimizer(cfg, model, named, max_length, seed)
 
 
 def lr_factor(step: int, total: int, peak: float, cfg: SchedulerConfig) -> float:

@@ -168,3 +168,30 @@ def test_two_processes_give_the_same_loss_as_one(tmp_path):
     for x, y in zip(a, b, strict=True):
         for k in ("loss", "rewards/margins", "logps/chosen"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
+
+
+def test_dpo_with_the_online_merging_optimizer_trains_and_resumes_identically(tmp_path, tiny_qwen2):
+    """optimizer.name: ondare from the recipe; tau = (the start model) - (tiny-qwen2). An interrupted and
+    resumed run (masks, tau and moments restored through accelerate's checkpoint) ends with the same weights."""
+    from tests.test_sft import run_sft
+
+    start = run_sft(tmp_path, "sft", "training.max_steps=2")  # theta_r differs from the base theta_b
+    merging = [f"model.name_or_path={start}", "optimizer.name=ondare", "optimizer.base=tiny-qwen2",
+               "optimizer.reserve_p=0.5", "optimizer.alpha=0.01", "training.max_steps=4", "training.save_steps=2"]  # fmt: skip
+    full = run_dpo(tmp_path, "full", *merging)
+    part = run_dpo(tmp_path, "part", *merging)
+    (part / "model.safetensors").unlink()
+    lines = (part / "metrics.jsonl").read_text().splitlines()[:2]
+    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run_dpo(tmp_path, "part", *merging, "training.resume_from_checkpoint=latest")
+    a, b = read_metrics(full), read_metrics(part)
+    assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], rel=1e-6)
+    wa, wb = load_file(f"{full}/model.safetensors"), load_file(f"{part}/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ws = load_file(f"{start}/model.safetensors")
+    assert any(not torch.equal(ws[k], wa[k]) for k in ws)
+
+
+def test_merging_optimizer_refuses_lora(tmp_path):
+    with pytest.raises(ValueError, match="cannot drive LoRA"):
+        run_dpo(tmp_path, "x", "model.lora={r: 4}", "optimizer.name=ondare", "optimizer.base=tiny-qwen2", "training.max_steps=1")
