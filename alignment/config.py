@@ -53,7 +53,9 @@ _FLOAT_RE = re.compile(
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _first in list("-+0123456789."):
     _Loader.yaml_implicit_resolvers[_first] = [
-        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+        (tag, rx)
+        for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, [])
+        if tag != "tag:yaml.org,2002:float"
     ]
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
@@ -77,7 +79,9 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is not None:
-        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+        return (
+            f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+        )
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -113,7 +117,9 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         raise _fail(where, key, f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise _fail(where, key, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise _fail(
+                where, key, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
         return build(tp, value, where, prefix=key)
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -239,7 +245,9 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
 def parse_cli(cls: type, argv: list[str]) -> Any:
     """``[recipe.yaml] [key=value ...]`` -> a checked config."""
     if argv and argv[0] in ("-h", "--help"):
-        raise SystemExit(f"usage: <script> [recipe.yaml] [key=value ...]\nschema: {cls.__name__}\n{describe(cls)}")
+        raise SystemExit(
+            f"usage: <script> [recipe.yaml] [key=value ...]\nschema: {cls.__name__}\n{describe(cls)}"
+        )
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path is not None else argv
     return load_config(cls, path, overrides)
@@ -364,7 +372,9 @@ class OptimizerConfig:
         if self.lr <= 0:
             raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
         if self.name in ("ondare", "onties") and self.base is None:
-            raise ValueError(f"optimizer.base is required for {self.name}: the pretrained model that tau is taken from")
+            raise ValueError(
+                f"optimizer.base is required for {self.name}: the pretrained model that tau is taken from"
+            )
         if not 0 < self.reserve_p <= 1:
             raise ValueError(f"optimizer.reserve_p must be in (0, 1], got {self.reserve_p}")
 
@@ -403,7 +413,12 @@ class TrainingConfig:
     logits_chunk_size: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "logits_chunk_size"):
+        for name in (
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "logits_chunk_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"training.{name} must be positive, got {getattr(self, name)}")
 

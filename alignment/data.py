@@ -120,7 +120,9 @@ def _read_hf_dataset(source: DataSource) -> Iterable[tuple[int, Any]]:
     try:
         ds = datasets.load_dataset(source.path, source.subset, split=source.split)
     except Exception as e:
-        raise DataError(f"{source.path}: cannot load as a `datasets` dataset (split {source.split!r}): {e}") from None
+        raise DataError(
+            f"{source.path}: cannot load as a `datasets` dataset (split {source.split!r}): {e}"
+        ) from None
     yield from enumerate(ds, 1)
 
 
@@ -140,7 +142,9 @@ def _check_messages(value: Any, where: str, fname: str) -> Messages:
     for i, m in enumerate(value):
         f = f"{fname}[{i}]"
         if not isinstance(m, dict):
-            raise DataError(f"{where}: field '{f}': expected a {{role, content}} object, got {type(m).__name__}")
+            raise DataError(
+                f"{where}: field '{f}': expected a {{role, content}} object, got {type(m).__name__}"
+            )
         if "role" not in m:
             raise DataError(f"{where}: field '{f}.role': missing")
         if m["role"] not in ROLES:
@@ -148,7 +152,9 @@ def _check_messages(value: Any, where: str, fname: str) -> Messages:
         if "content" not in m:
             raise DataError(f"{where}: field '{f}.content': missing")
         if not isinstance(m["content"], str):
-            raise DataError(f"{where}: field '{f}.content': expected a string, got {type(m['content']).__name__}")
+            raise DataError(
+                f"{where}: field '{f}.content': expected a string, got {type(m['content']).__name__}"
+            )
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: field '{f}.content': empty assistant turn")
         out.append({"role": m["role"], "content": m["content"]})
@@ -165,7 +171,9 @@ def _as_turns(value: Any, where: str, fname: str, default_role: str) -> Messages
 
 def _require(row: Any, where: str, *fields: str) -> None:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with fields {', '.join(fields)}, got {type(row).__name__}")
+        raise DataError(
+            f"{where}: expected an object with fields {', '.join(fields)}, got {type(row).__name__}"
+        )
 
 
 def normalize_sft_row(row: Any, where: str) -> Messages:
@@ -208,7 +216,9 @@ def normalize_preference_row(row: Any, where: str) -> PreferenceExample:
         while n < min(len(full_c), len(full_r)) - 1 and full_c[n] == full_r[n]:
             n += 1
         if n == 0:
-            raise DataError(f"{where}: field 'chosen': no 'prompt' and no shared leading turns with 'rejected'")
+            raise DataError(
+                f"{where}: field 'chosen': no 'prompt' and no shared leading turns with 'rejected'"
+            )
         prompt, chosen, rejected = full_c[:n], full_c[n:], full_r[n:]
     for f, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[0]["role"] != "assistant":
@@ -278,7 +288,11 @@ def assistant_char_spans(
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < learn_from:
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        before = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(upto) and upto.startswith(before)):
             raise DataError(
@@ -424,7 +438,10 @@ def tokenize_pair(
     truncate_completion: keep the prompt, cut the end of the longer answer(s); drop: leave the pair out.
     """
     n = len(ex.prompt)
-    seqs = [Sequence(*tokenize_conversation(tokenizer, ex.prompt + ans, where, learn_from=n)) for ans in (ex.chosen, ex.rejected)]
+    seqs = [
+        Sequence(*tokenize_conversation(tokenizer, ex.prompt + ans, where, learn_from=n))
+        for ans in (ex.chosen, ex.rejected)
+    ]
     if max(len(s.input_ids) for s in seqs) <= max_length:
         return PairSequences(*seqs)
     p = _prompt_len(seqs[0].labels)

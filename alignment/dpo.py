@@ -44,7 +44,15 @@ from alignment.config import (
     parse_cli,
     to_dict,
 )
-from alignment.data import IGNORE, DataReport, PairSequences, collate, load_examples, normalize_preference_row, tokenize_pair
+from alignment.data import (
+    IGNORE,
+    DataReport,
+    PairSequences,
+    collate,
+    load_examples,
+    normalize_preference_row,
+    tokenize_pair,
+)
 from alignment.logprobs import TokenLogProbs
 from alignment.models import cache_dir, load_causal_lm, load_tokenizer
 from alignment.reference import cache_key, cached_reference_logps, fingerprint_model, fingerprint_pairs
@@ -110,7 +118,9 @@ def pair_logps(logprob_fn, pairs: list[PairSequences], device) -> tuple[torch.Te
     batch = collate([s for p in pairs for s in (p.chosen, p.rejected)]).to(device)
     token_logps = logprob_fn(batch.input_ids, batch.position_ids, batch.labels)  # (N,)
     owner = batch.seq_ids[batch.labels[0] != IGNORE]  # (N,) which sequence each labelled token belongs to
-    sums = torch.zeros(2 * len(pairs), device=device, dtype=token_logps.dtype).index_add(0, owner, token_logps)
+    sums = torch.zeros(2 * len(pairs), device=device, dtype=token_logps.dtype).index_add(
+        0, owner, token_logps
+    )
     lens = torch.bincount(owner, minlength=2 * len(pairs)).to(token_logps.dtype)
     return sums[0::2], sums[1::2], lens[0::2], lens[1::2]
 
@@ -176,7 +186,9 @@ def setup_reference(cfg: DPOConfig, model, pairs, accelerator):
         mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
         out = []
         bs = cfg.training.per_device_batch_size
-        for s in tqdm(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_main_process):
+        for s in tqdm(
+            range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_main_process
+        ):
             idx = mine[s : s + bs]
             with torch.no_grad(), accelerator.autocast():
                 c, r, _, _ = pair_logps(ref_logprobs, [pairs[i] for i in idx], accelerator.device)
@@ -188,7 +200,7 @@ def setup_reference(cfg: DPOConfig, model, pairs, accelerator):
 
     table, hit = cached_reference_logps(path, key, len(pairs), compute, accelerator)
     print0(accelerator, f"[reference] {'reused' if hit else 'computed and cached'} {path}")
-    del ref, ref_logprobs  # the frozen copy is not needed any more
+    # The frozen copy goes out of scope here: only the table is kept.
     return None, table
 
 
@@ -204,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     report = DataReport()
     examples = load_examples(cfg.data, normalize_preference_row, report, rank0=accelerator.is_main_process)
-    pairs = [tokenize_pair(tokenizer, ex, cfg.data.max_length, cfg.data.overlong, report, f"pair {i}") for i, ex in enumerate(examples)]
+    pairs = [
+        tokenize_pair(tokenizer, ex, cfg.data.max_length, cfg.data.overlong, report, f"pair {i}")
+        for i, ex in enumerate(examples)
+    ]
     pairs = [p for p in pairs if p is not None]
     for line in report.lines():
         print0(accelerator, f"[data] {line}")
@@ -225,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         start = load_checkpoint(accelerator, resume)
         print0(accelerator, f"[train] resumed from {resume} at step {start}")
 
-    bar = tqdm(total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
+    bar = tqdm(
+        total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar)
+    )
     policy.train()
     for step in range(start, len(plan)):
         t0 = time.perf_counter()
@@ -247,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                 losses, rc, rr = pair_losses(cfg.loss, c, r, ref_c, ref_r, len_c, len_r)
                 accelerator.backward(losses.sum() / G * world)  # DDP averages over processes
             d = lambda t: t.detach().double().sum()  # noqa: E731
-            sums += torch.stack([d(losses), d(rc), d(rr), d(rc > rr), d(c), d(r), d((rc - rr))])
+            sums += torch.stack([d(losses), d(rc), d(rr), d(rc > rr), d(c), d(r), d(rc - rr)])
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()

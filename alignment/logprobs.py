@@ -25,7 +25,9 @@ def _chunk_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_logprobs(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """log softmax(head(hidden))[targets], chunk rows at a time: (N, H), (N,) -> (N,)."""
     out = []
     for s in range(0, hidden.shape[0], chunk):
@@ -53,7 +55,9 @@ class TokenLogProbs(nn.Module):
         # FSDP's transformer-based auto-wrap reads the decoder-layer class names from here.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         backbone, head = backbone_and_head(self.model)
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         mask = labels != IGNORE  # (1, T)

@@ -11,17 +11,8 @@ metrics (``rewards/chosen`` etc.) come from ``implicit_rewards``.
 
 from __future__ import annotations
 
-import enum
-
 import torch
 import torch.nn.functional as F
-
-
-class PreferenceLoss(str, enum.Enum):
-    SIGMOID = "sigmoid"
-    IPO = "ipo"
-    ROBUST = "robust"
-    SIMPO = "simpo"
 
 
 def dpo_sigmoid_loss(
@@ -93,7 +84,7 @@ def simpo_loss(
 ) -> torch.Tensor:
     """SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised, with a target margin gamma.
 
-        L = -log sigmoid( beta / |y_w| * log pi(y_w|x) - beta / |y_l| * log pi(y_l|x) - gamma )
+    L = -log sigmoid( beta / |y_w| * log pi(y_w|x) - beta / |y_l| * log pi(y_l|x) - gamma )
     """
     margin = beta * chosen_logps / chosen_len - beta * rejected_logps / rejected_len - gamma
     return -F.logsigmoid(margin)
@@ -107,7 +98,7 @@ def nll_term(chosen_logps: torch.Tensor, chosen_len: torch.Tensor) -> torch.Tens
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """Reward-model loss under the Bradley-Terry model (Ouyang et al. 2022, eq. 1):
 
-        P(y_w > y_l | x) = sigmoid(r(x, y_w) - r(x, y_l)),   L = -log sigmoid(r(x, y_w) - r(x, y_l))
+    P(y_w > y_l | x) = sigmoid(r(x, y_w) - r(x, y_l)),   L = -log sigmoid(r(x, y_w) - r(x, y_l))
     """
     return -F.logsigmoid(chosen_scores - rejected_scores)
 

@@ -33,9 +33,7 @@ QWEN2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Qwen2's pre-tokenizer: single digits, unlike GPT-4's \p{N}{1,3}.
-QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN2_CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 151643, 151644, 151645
 QWEN2_REGULAR_VOCAB = 151_643
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -207,7 +205,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = resolve_model(name_or_path)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.chat_template is None:
-        raise ValueError(f"{name_or_path}: the tokenizer has no chat template; conversational training needs one")
+        raise ValueError(
+            f"{name_or_path}: the tokenizer has no chat template; conversational training needs one"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -247,7 +247,9 @@ def yarn_rope_parameters(config, cfg: ModelConfig, max_length: int) -> dict | No
     }
 
 
-def load_causal_lm(cfg: ModelConfig, max_length: int, name_or_path: str | None = None, trainable: bool = True):
+def load_causal_lm(
+    cfg: ModelConfig, max_length: int, name_or_path: str | None = None, trainable: bool = True
+):
     """Load a causal LM for training (or, with ``trainable=False``, as a frozen reference)."""
     from transformers import AutoConfig
 

@@ -25,8 +25,23 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from alignment.config import LoggingConfig, ModelConfig, OptimizerConfig, SchedulerConfig, TrainingConfig, parse_cli, to_dict
-from alignment.data import DataReport, PairSequences, collate, load_examples, normalize_preference_row, tokenize_pair
+from alignment.config import (
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainingConfig,
+    parse_cli,
+    to_dict,
+)
+from alignment.data import (
+    DataReport,
+    PairSequences,
+    collate,
+    load_examples,
+    normalize_preference_row,
+    tokenize_pair,
+)
 from alignment.dpo import PreferenceDataConfig
 from alignment.losses import bradley_terry_loss
 from alignment.models import load_tokenizer
@@ -96,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     report = DataReport()
     examples = load_examples(cfg.data, normalize_preference_row, report, rank0=accelerator.is_main_process)
-    pairs = [tokenize_pair(tokenizer, ex, cfg.data.max_length, cfg.data.overlong, report, f"pair {i}") for i, ex in enumerate(examples)]
+    pairs = [
+        tokenize_pair(tokenizer, ex, cfg.data.max_length, cfg.data.overlong, report, f"pair {i}")
+        for i, ex in enumerate(examples)
+    ]
     pairs = [p for p in pairs if p is not None]
     order = list(range(len(pairs)))
     random.Random(cfg.data.seed).shuffle(order)
@@ -122,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     if resume is not None:
         start = load_checkpoint(accelerator, resume)
 
-    bar = tqdm(total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
+    bar = tqdm(
+        total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar)
+    )
     for step in range(start, len(plan)):
         scorer.train()
         G = plan.global_batch_size
@@ -142,7 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         loss, acc, margin = (accelerator.reduce(sums, reduction="sum") / G).tolist()
-        metrics = {"loss": loss, "accuracy": acc, "margin": margin, "learning_rate": lr, "grad_norm": float(grad_norm)}
+        metrics = {
+            "loss": loss,
+            "accuracy": acc,
+            "margin": margin,
+            "learning_rate": lr,
+            "grad_norm": float(grad_norm),
+        }
         last = step == len(plan) - 1
         if eval_pairs and (last or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0)):
             scorer.eval()
@@ -159,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     final = {"steps": len(plan), "train_pairs": len(pairs), "eval_pairs": len(eval_pairs)}
     if eval_pairs:
         final["eval/accuracy"] = metrics.get("eval/accuracy")
-        print0(accelerator, f"[eval] held-out accuracy {final['eval/accuracy']:.3f} on {len(eval_pairs)} pairs")
+        print0(
+            accelerator, f"[eval] held-out accuracy {final['eval/accuracy']:.3f} on {len(eval_pairs)} pairs"
+        )
     tracker.summary(final)
     tracker.close()
     print0(accelerator, f"[train] saved {tc.output_dir}")

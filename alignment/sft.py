@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         start = load_checkpoint(accelerator, resume)
         print0(accelerator, f"[train] resumed from {resume} at step {start}")
 
-    bar = tqdm(total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
+    bar = tqdm(
+        total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar)
+    )
     policy.train()
     for step in range(start, len(plan)):
         t0 = time.perf_counter()

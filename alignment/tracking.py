@@ -36,7 +36,9 @@ class Tracker(NullTracker):
 
             os.environ.setdefault("WANDB_SILENT", "true")
             mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
-            self.wandb = wandb.init(project=cfg.project, name=name, config=config, dir=str(self.dir), mode=mode)
+            self.wandb = wandb.init(
+                project=cfg.project, name=name, config=config, dir=str(self.dir), mode=mode
+            )
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -106,7 +106,9 @@ def run_trl(args) -> dict:
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=path, args=cfg, train_dataset=ds, processing_class=load_tokenizer(path), callbacks=[Timer()])
+    trainer = SFTTrainer(
+        model=path, args=cfg, train_dataset=ds, processing_class=load_tokenizer(path), callbacks=[Timer()]
+    )
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     t0 = time.perf_counter()
     trainer.train()
@@ -147,11 +149,15 @@ def main() -> None:
             raise SystemExit(f"{which} failed")
         results[which] = json.loads(line[len("RESULT ") :])
     o, t = results["ours"], results["trl"]
-    print(f"SFT on {args.model}, {args.batch} x {args.max_length}-token packed sequences, {args.steps} steps, fp32, CPU")
+    print(
+        f"SFT on {args.model}, {args.batch} x {args.max_length}-token packed sequences, {args.steps} steps, fp32, CPU"
+    )
     print(f"{'':10}{'tokens/s':>12}{'peak RSS MB':>14}")
     for name, r in results.items():
         print(f"{name:10}{r['tokens_per_s']:>12.1f}{r['peak_rss_mb']:>14.0f}")
-    print(f"ratio ours/TRL: throughput {o['tokens_per_s'] / t['tokens_per_s']:.2f}x, peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+    print(
+        f"ratio ours/TRL: throughput {o['tokens_per_s'] / t['tokens_per_s']:.2f}x, peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def _arith(rng: random.Random) -> Task:
         a, b = b, a
     gold = {"plus": a + b, "minus": a - b, "times": a * b}[op]
     sym = {"plus": "+", "minus": "-", "times": "×"}[op]
-    wrong = gold + rng.choice([-10, -1, 1, 10, 100, -100]) if gold > 100 else gold + rng.choice([-2, -1, 1, 2])
+    wrong = (
+        gold + rng.choice([-10, -1, 1, 10, 100, -100]) if gold > 100 else gold + rng.choice([-2, -1, 1, 2])
+    )
     template = rng.choice(
         [
             "What is {a} {op} {b}?",
@@ -57,7 +59,12 @@ def _arith(rng: random.Random) -> Task:
         ]
     )
     prompt = template.format(a=a, b=b, op=op)
-    return prompt, f"{a} {sym} {b} = {gold}. The answer is {gold}.", str(gold), f"{a} {sym} {b} = {wrong}. The answer is {wrong}."
+    return (
+        prompt,
+        f"{a} {sym} {b} = {gold}. The answer is {gold}.",
+        str(gold),
+        f"{a} {sym} {b} = {wrong}. The answer is {wrong}.",
+    )
 
 
 def _count_letter(rng: random.Random) -> Task:
@@ -87,7 +94,12 @@ def _sort_numbers(rng: random.Random) -> Task:
     bad = gold[:]
     i = rng.randrange(len(bad) - 1)
     bad[i], bad[i + 1] = bad[i + 1], bad[i]
-    return prompt, f"In {order} order: {text}. The answer is {text}.", text, f"The answer is {', '.join(map(str, bad))}."
+    return (
+        prompt,
+        f"In {order} order: {text}. The answer is {text}.",
+        text,
+        f"The answer is {', '.join(map(str, bad))}.",
+    )
 
 
 def _reverse_word(rng: random.Random) -> Task:
@@ -95,7 +107,12 @@ def _reverse_word(rng: random.Random) -> Task:
     gold = word[::-1]
     prompt = rng.choice(["Write the word '{w}' backwards.", "Reverse the letters of '{w}'."]).format(w=word)
     wrong = gold[:-2] + gold[-1] + gold[-2] if gold[-1] != gold[-2] else gold[1:]
-    return prompt, f"Reading '{word}' from the end: {gold}. The answer is {gold}.", gold, f"The answer is {wrong}."
+    return (
+        prompt,
+        f"Reading '{word}' from the end: {gold}. The answer is {gold}.",
+        gold,
+        f"The answer is {wrong}.",
+    )
 
 
 def _word_problem(rng: random.Random) -> Task:
@@ -103,7 +120,9 @@ def _word_problem(rng: random.Random) -> Task:
     thing = rng.choice(["apples", "stickers", "marbles", "books", "coins", "shells"])
     a, b, c = rng.randint(5, 60), rng.randint(2, 30), rng.randint(1, 20)
     gold = a + b - c
-    prompt = f"{name} has {a} {thing}, gets {b} more, then gives away {c}. How many {thing} does {name} have now?"
+    prompt = (
+        f"{name} has {a} {thing}, gets {b} more, then gives away {c}. How many {thing} does {name} have now?"
+    )
     answer = f"{a} + {b} = {a + b}, and {a + b} - {c} = {gold}. The answer is {gold}."
     wrong = f"{a} + {b} = {a + b}, and {a + b} - {c} = {gold + 1}. The answer is {gold + 1}."
     return prompt, answer, str(gold), wrong

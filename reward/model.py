@@ -35,7 +35,9 @@ class SequenceScores(nn.Module):
         self.model = model
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor
+    ) -> torch.Tensor:
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         return self.model.score(hidden[0, last_index]).squeeze(-1).float()

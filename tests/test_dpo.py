@@ -194,4 +194,11 @@ def test_dpo_with_the_online_merging_optimizer_trains_and_resumes_identically(tm
 
 def test_merging_optimizer_refuses_lora(tmp_path):
     with pytest.raises(ValueError, match="cannot drive LoRA"):
-        run_dpo(tmp_path, "x", "model.lora={r: 4}", "optimizer.name=ondare", "optimizer.base=tiny-qwen2", "training.max_steps=1")
+        run_dpo(
+            tmp_path,
+            "x",
+            "model.lora={r: 4}",
+            "optimizer.name=ondare",
+            "optimizer.base=tiny-qwen2",
+            "training.max_steps=1",
+        )

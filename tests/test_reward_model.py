@@ -105,7 +105,9 @@ def test_mismatched_policy_tokenizer_gives_the_same_scores(trained_rm):
     decoded = [policy_tok.decode(t, skip_special_tokens=True) for t in policy_tokens]
     assert scorer.score(prompts, decoded) == pytest.approx(scorer.score(prompts, answers), abs=1e-6)
     # What the fix prevents: the policy's own rendering fed as text scores differently.
-    policy_rendered = [policy_tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    policy_rendered = [
+        policy_tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
     wrong = scorer.score(policy_rendered, answers)
     assert wrong != pytest.approx(scorer.score(prompts, answers), abs=1e-3)
 

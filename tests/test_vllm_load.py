@@ -23,10 +23,17 @@ if __name__ == "__main__":
 
 def test_sft_output_loads_and_generates_in_vllm(tmp_path):
     out = run_sft(tmp_path, "run", "training.max_steps=1")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     script = tmp_path / "load.py"
     script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), out], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(script), out], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     result = json.loads(line[len("RESULT ") :])
