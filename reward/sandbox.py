@@ -14,9 +14,11 @@ Nothing here runs model code in the trainer's process. Each run gets, in this or
 - no network: the new network namespace has only a loopback device, and it is down;
 - a private mount namespace: a fresh, size-capped tmpfs is the working directory, and /tmp, /var/tmp and
   /dev/shm are fresh tmpfs too, so nothing written outside the host temp dir survives the run;
-- an unprivileged user: as root, the program runs as ``run_as_uid`` (65534, nobody) with no supplementary
-  groups and ``no_new_privs`` set (setuid binaries give nothing). Root ignores RLIMIT_NPROC, so this drop is
-  what makes the process limit bite;
+- an unprivileged user: as root, the program runs as a uid of its own, with no supplementary groups and
+  ``no_new_privs`` set (setuid binaries give nothing). Root ignores RLIMIT_NPROC, so this drop is what makes
+  the process limit bite; and since the kernel counts RLIMIT_NPROC per uid, each concurrent run gets its
+  own uid from a pool (``run_as_uid`` .. ``run_as_uid + uid_pool_size - 1``, ids no account uses), so a
+  fork bomb in one run cannot make ``fork`` fail in another;
 - resource limits: CPU seconds, address space, processes, file size, open files, no core dumps;
 - ``python -I`` (isolated mode: no PYTHON* variables, no user site, no script dir on the path), a minimal
   environment (no inherited secrets or tokens), its own process group, killed as a whole on timeout;
@@ -33,8 +35,8 @@ signal, or output over the cap) and ``error``: the sandbox itself could not run 
 means "cannot judge"; the program cannot produce it (setup success is reported over a pipe it never sees).
 
 Deliberate simplifications:
-- no seccomp filter and no cgroup: memory is bounded by RLIMIT_AS per process, processes by RLIMIT_NPROC.
-  RLIMIT_NPROC counts per uid, so concurrent runs share the ``max_processes`` budget of the sandbox user;
+- no seccomp filter and no cgroup: memory is bounded by RLIMIT_AS per process, processes by RLIMIT_NPROC
+  per run (per uid: without root there is one uid, so concurrent runs share the budget);
 - the file system stays readable where Unix permissions allow it (the sandbox user reads what "nobody" can);
 - one fresh interpreter per run (about 20 ms), no fork server.
 """
@@ -47,6 +49,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import selectors
 import shutil
 import signal
@@ -93,8 +96,11 @@ class SandboxConfig:
     max_file_mb: int = 16  # RLIMIT_FSIZE: largest file the program may write
     max_open_files: int = 64  # RLIMIT_NOFILE
     tmpfs_mb: int = 64  # size of each private tmpfs (working dir, /tmp, /var/tmp, /dev/shm)
-    run_as_uid: int = 65534  # used when the parent is root
-    run_as_gid: int = 65534
+    # As root: the first uid of the pool the runs take their uid from (one free uid per concurrent run).
+    # The default range is far above the ids Debian hands out to accounts (and to subuid ranges).
+    run_as_uid: int = 1_900_000_000
+    uid_pool_size: int = 64
+    run_as_gid: int = 65534  # nogroup
     python: str | None = None  # interpreter; None: sys.executable, else /usr/bin/python3 (see _pick_python)
     tmp_dir: str | None = None  # where the per-run temp dirs go; None: tempfile.gettempdir()
     # Isolation layers that must be active, else Sandbox() raises: names as in IsolationReport.layers().
@@ -102,7 +108,7 @@ class SandboxConfig:
 
     def __post_init__(self) -> None:
         positive = ("timeout_s", "memory_mb", "max_output_bytes", "max_workers", "max_processes")
-        positive += ("max_file_mb", "max_open_files", "tmpfs_mb")
+        positive += ("max_file_mb", "max_open_files", "tmpfs_mb", "run_as_uid", "run_as_gid", "uid_pool_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
@@ -113,6 +119,10 @@ class SandboxConfig:
             raise ValueError("SandboxConfig.max_open_files below 16 leaves Python unable to start; use >= 16")
         if self.memory_mb < 64:
             raise ValueError("SandboxConfig.memory_mb below 64 leaves Python unable to start; use >= 64")
+        if not all(isinstance(getattr(self, n), int) for n in ("run_as_uid", "run_as_gid", "uid_pool_size")):
+            raise ValueError("SandboxConfig.run_as_uid, run_as_gid and uid_pool_size must be ints")
+        if self.run_as_uid + self.uid_pool_size > 2**31:
+            raise ValueError("SandboxConfig.run_as_uid + uid_pool_size must stay below 2**31")
         self.require = tuple(self.require)
         unknown = set(self.require) - set(IsolationReport.LAYERS)
         if unknown:
@@ -168,7 +178,7 @@ class IsolationReport:
     mount_namespace: bool = False  # private tmpfs for cwd and /tmp (the host /tmp marker is invisible)
     read_only_fs: bool = False  # "/" is mounted read-only in its view
     user_namespace: bool = False  # non-root parent: namespaces through an unprivileged user namespace
-    uid_drop: bool = False  # runs as run_as_uid, so RLIMIT_NPROC is enforced
+    uid_drop: bool = False  # runs as a pool uid, so RLIMIT_NPROC is enforced
     no_capabilities: bool = False  # empty effective and permitted capability sets
     no_new_privs: bool = False  # setuid binaries and file capabilities give nothing
     launcher: list[str] = field(default_factory=list)
@@ -413,7 +423,7 @@ print(json.dumps({
 class _Setup:
     launcher: list[str]
     python: str
-    drop: bool  # drop to run_as_uid in the program's process
+    drop: bool  # drop to a pool uid in the program's process
     private_mounts: bool
     report: IsolationReport
 
@@ -444,7 +454,7 @@ def _pythons(config: SandboxConfig) -> list[str]:
 def _detect(config: SandboxConfig) -> _Setup:
     """Try launcher x interpreter combinations, strongest first; keep the first the probe program passes."""
     is_root = os.geteuid() == 0
-    key = (is_root, config.python, config.run_as_uid, config.run_as_gid)
+    key = (is_root, config.python, config.run_as_uid, config.uid_pool_size, config.run_as_gid)
     with _SETUP_LOCK:
         if key in _SETUP_CACHE:
             return _SETUP_CACHE[key]
@@ -478,7 +488,7 @@ def _read_probe(stdout: str, setup: _Setup, config: SandboxConfig, failures: lis
         pid_namespace="--pid" in setup.launcher and seen["pid"] == 2,
         mount_namespace=setup.private_mounts and not seen["marker_visible"],
         user_namespace="--user" in setup.launcher and not seen["host_uid_map"],
-        uid_drop=setup.drop and seen["uid"] == config.run_as_uid,
+        uid_drop=setup.drop and config.run_as_uid <= seen["uid"] < config.run_as_uid + config.uid_pool_size,
         no_new_privs=seen["no_new_privs"],
         no_capabilities=seen["no_capabilities"],
         read_only_fs=seen["read_only_root"],
@@ -490,6 +500,9 @@ def _read_probe(stdout: str, setup: _Setup, config: SandboxConfig, failures: lis
     )
     if setup.drop:
         report.notes.append("user_namespace not needed: the parent is root")
+        report.notes.append(
+            f"one uid per concurrent run from {config.run_as_uid} (pool of {config.uid_pool_size})"
+        )
     elif not report.uid_drop:
         report.notes.append("not root: no uid drop; the program's processes count against this user's")
     return report
@@ -530,7 +543,7 @@ def _count_tasks(uid: int) -> int:
     return count
 
 
-def _make_dirs(config: SandboxConfig, setup: _Setup, job: SandboxJob) -> tuple[str, str, str | None, str]:
+def _make_dirs(config: SandboxConfig, job: SandboxJob, uid: int | None) -> tuple[str, str, str | None, str]:
     """Host side: <tmp>/sandbox-XXXX/{program.py, stdin.txt, work/}. Returns (root, program, stdin, work)."""
     root = tempfile.mkdtemp(prefix="sandbox-", dir=config.tmp_dir)
     program_path = os.path.join(root, "program.py")
@@ -545,20 +558,68 @@ def _make_dirs(config: SandboxConfig, setup: _Setup, job: SandboxJob) -> tuple[s
             f.write(job.stdin)
     work = os.path.join(root, "work")
     os.mkdir(work, 0o700)
-    if setup.drop:
+    if uid is not None:
         # Without a private mount this host dir is the working dir itself; traversable, not listable.
         os.chmod(root, 0o711)
-        os.chown(work, config.run_as_uid, config.run_as_gid)
+        os.chown(work, uid, config.run_as_gid)
     return root, program_path, stdin_path, work
 
 
+class _UidPool:
+    """Hands each concurrent run a uid no other run holds (process-wide, across Sandbox instances)."""
+
+    def __init__(self) -> None:
+        self._busy: set[int] = set()
+        self._cond = threading.Condition()
+
+    def acquire(self, first: int, size: int) -> int:
+        with self._cond:
+            while True:
+                free = next((u for u in range(first, first + size) if u not in self._busy), None)
+                if free is not None:
+                    self._busy.add(free)
+                    return free
+                self._cond.wait()
+
+    def release(self, uid: int) -> None:
+        with self._cond:
+            self._busy.discard(uid)
+            self._cond.notify()
+
+
+_UIDS = _UidPool()
+
+
+def _check_uid_pool(config: SandboxConfig) -> None:
+    """Refuse a pool that overlaps an account: the program could then touch that account's files."""
+    for uid in range(config.run_as_uid, config.run_as_uid + config.uid_pool_size):
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            continue
+        if name != "nobody":
+            raise ValueError(
+                f"SandboxConfig: uid {uid} of the sandbox pool belongs to the account {name!r}; "
+                "set run_as_uid to a range no account uses (the default starts at 1900000000)"
+            )
+
+
 def _run_job(config: SandboxConfig, setup: _Setup, job: SandboxJob) -> SandboxResult:
-    """Run one job; any failure of ours becomes status ``error`` rather than an exception."""
+    """Run one job as a uid of the pool (as root); any failure of ours becomes status ``error``."""
+    uid = _UIDS.acquire(config.run_as_uid, config.uid_pool_size) if setup.drop else None
+    try:
+        return _run_as(config, setup, job, uid)
+    finally:
+        if uid is not None:
+            _UIDS.release(uid)
+
+
+def _run_as(config: SandboxConfig, setup: _Setup, job: SandboxJob, uid: int | None) -> SandboxResult:
     start = time.monotonic()
     timeout_s = job.timeout_s if job.timeout_s is not None else config.timeout_s
     root = None
     try:
-        root, program_path, stdin_path, work = _make_dirs(config, setup, job)
+        root, program_path, stdin_path, work = _make_dirs(config, job, uid)
         status_r, status_w = os.pipe()
         params = {
             "status_fd": status_w,
@@ -568,8 +629,8 @@ def _run_job(config: SandboxConfig, setup: _Setup, job: SandboxJob) -> SandboxRe
             "private_mounts": setup.private_mounts,
             "new_session": "--pid" in setup.launcher,
             "tmpfs_mb": config.tmpfs_mb,
-            "drop_uid": config.run_as_uid if setup.drop else None,
-            "drop_gid": config.run_as_gid if setup.drop else None,
+            "drop_uid": uid,
+            "drop_gid": config.run_as_gid if uid is not None else None,
             "rlimits": _rlimits(config, setup),
             "timeout_s": timeout_s,
             "env": {
@@ -756,6 +817,8 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
+        if os.geteuid() == 0:
+            _check_uid_pool(self.config)
         self._setup = _detect(self.config)
         missing = [n for n in self.config.require if not self._setup.report.layers()[n]]
         if missing:

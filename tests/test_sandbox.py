@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
 
 
-def _pids_of_uid(uid: int) -> set[int]:
+def _pids_of_uids(uids: range) -> set[int]:
     pids = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.stat(f"/proc/{pid}").st_uid == uid:
+            if os.stat(f"/proc/{pid}").st_uid in uids:
                 pids.add(int(pid))
         except OSError:
             pass
@@ -76,18 +76,19 @@ def sandbox(config) -> Sandbox:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request, tmp_path):
-    """After each test: no per-run temp dir left, no new process of the sandbox user still alive."""
-    uid = SandboxConfig().run_as_uid
-    before = _pids_of_uid(uid) if IS_ROOT else set()
+    """After each test: no per-run temp dir left, no new process of a sandbox uid still alive."""
+    defaults = SandboxConfig()
+    uids = range(defaults.run_as_uid, defaults.run_as_uid + defaults.uid_pool_size)
+    before = _pids_of_uids(uids) if IS_ROOT else set()
     yield
     root = tmp_path / "sandbox-runs"
     if root.exists():
         assert list(root.iterdir()) == [], "a sandbox temp dir was not removed"
     if IS_ROOT:
         deadline = time.monotonic() + 2.0
-        while (left := _pids_of_uid(uid) - before) and time.monotonic() < deadline:
+        while (left := _pids_of_uids(uids) - before) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not left, f"processes of uid {uid} outlived the run: {left}"
+        assert not left, f"processes of sandbox uids outlived the run: {left}"
 
 
 def _report():
@@ -181,7 +182,11 @@ def test_isolation_report_is_observed_and_summarized():
         # As root every layer we rely on must be there: a regression here silently weakens the sandbox.
         for layer in ("uid_drop", "no_new_privs", "no_capabilities"):
             assert report.layers()[layer], text
-        assert report.uid == SandboxConfig().run_as_uid
+        assert (
+            SandboxConfig().run_as_uid
+            <= report.uid
+            < SandboxConfig().run_as_uid + SandboxConfig().uid_pool_size
+        )
 
 
 def _machine_allows(*unshare_args: str) -> bool:
@@ -450,6 +455,43 @@ def test_timed_out_run_leaves_no_zombie(sandbox, monkeypatch):
 # ---------------------------------------------------------------- parallel runs, errors, config
 
 
+def test_concurrent_runs_get_their_own_uid(sandbox):
+    if not _report().uid_drop:
+        pytest.skip("no uid drop without root")
+    results = sandbox.run_many(["import os, time\ntime.sleep(0.3)\nprint(os.getuid())"] * 2)
+    uids = {int(r.stdout) for r in results}
+    assert len(uids) == 2
+    assert all(
+        sandbox.config.run_as_uid <= u < sandbox.config.run_as_uid + sandbox.config.uid_pool_size
+        for u in uids
+    )
+
+
+def test_fork_bomb_does_not_starve_a_concurrent_run(sandbox):
+    # RLIMIT_NPROC counts per uid: with one shared uid the bomb would make this run's fork fail.
+    if not _report().uid_drop:
+        pytest.skip("one uid for every run without root: concurrent runs share the process budget")
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    spawner = "import subprocess, time\ntime.sleep(0.5)\nprint(subprocess.run(['echo', 'spawned'], capture_output=True, text=True).stdout)"
+    bombed, spawned = sandbox.run_many([bomb, spawner])
+    assert bombed.status is Status.TIMEOUT
+    assert spawned.status is Status.PASSED, spawned
+    assert spawned.stdout.strip() == "spawned"
+
+
+def test_uid_pool_must_not_overlap_an_account(config):
+    import pwd
+
+    if not IS_ROOT:
+        pytest.skip("the pool is only used as root")
+    account = next((p for p in pwd.getpwall() if 0 < p.pw_uid < 60000), None)
+    if account is None:
+        pytest.skip("no account with a small uid here")
+    config.run_as_uid, config.uid_pool_size = account.pw_uid, 1
+    with pytest.raises(ValueError, match=account.pw_name):
+        Sandbox(config)
+
+
 def test_run_many_keeps_order_and_bounds_workers(sandbox, monkeypatch):
     in_flight, peak, lock = [0], [0], threading.Lock()
     real = sandbox_module._run_job
@@ -502,6 +544,9 @@ def test_unusable_interpreter_fails_at_construction(config):
         ("max_workers", 0),
         ("max_open_files", 4),
         ("cpu_s", 1.5),
+        ("run_as_uid", 2**31),
+        ("uid_pool_size", 0),
+        ("run_as_gid", 1.5),
     ],
 )
 def test_bad_config_is_rejected(field, value):
