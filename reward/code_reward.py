@@ -23,7 +23,9 @@ Python block, else the last fenced block), or the whole completion when it has n
 How results come back: the harness runs the code, then each test with its own alarm, and prints one line
 per passed or failed test, tagged with a random nonce, through a copy of the stdout descriptor it took
 before the code ran. An early ``exit(0)`` or a printed "all tests passed" therefore earns nothing. It stops
-accidents and cheap tricks, not a program that inspects the interpreter to find the nonce.
+accidents and cheap tricks, not a determined program: code that shares the tests' process can always find
+the nonce by inspecting the interpreter (frames, gc), or return an object whose ``__eq__`` is always True.
+Watch for such completions when training long on this reward.
 """
 
 from __future__ import annotations
@@ -58,40 +60,44 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
     return python[-1] if python else blocks[-1][1]
 
 
+# The harness keeps its names in a function, not in the program's globals, so the code under test does not
+# find the nonce by importing __main__.
 _HARNESS = """\
-import json as _json, os as _os, signal as _signal
-_channel = _os.dup(1)  # taken before the code runs, so redirecting sys.stdout does not hide results
-_NONCE = {nonce!r}
+def _harness():
+    import json, os, signal
 
+    channel = os.dup(1)  # taken before the code runs, so redirecting sys.stdout does not hide results
+    nonce = {nonce!r}
 
-def _report(**fields):
-    _os.write(_channel, ("\\n" + _NONCE + " " + _json.dumps(fields) + "\\n").encode())
+    def report(**fields):
+        os.write(channel, ("\\n" + nonce + " " + json.dumps(fields) + "\\n").encode())
 
+    def on_alarm(signum, frame):
+        raise TimeoutError("over the per-test time limit")
 
-def _on_alarm(signum, frame):
-    raise TimeoutError("over the per-test time limit")
-
-
-_signal.signal(_signal.SIGALRM, _on_alarm)
-_namespace = {{"__name__": "solution"}}
-_signal.setitimer(_signal.ITIMER_REAL, {setup_timeout})
-try:
-    exec(compile({code!r}, "solution.py", "exec"), _namespace)
-    exec(compile({setup!r}, "tests.py", "exec"), _namespace)
-except BaseException as _e:
-    _report(setup_error=(type(_e).__name__ + ": " + str(_e))[:500])
-    raise SystemExit(1)
-finally:
-    _signal.setitimer(_signal.ITIMER_REAL, 0)
-for _i, _test in enumerate({tests!r}):
-    _signal.setitimer(_signal.ITIMER_REAL, {per_test})
+    signal.signal(signal.SIGALRM, on_alarm)
+    namespace = {{"__name__": "solution"}}
+    signal.setitimer(signal.ITIMER_REAL, {setup_timeout})
     try:
-        exec(compile(_test, "test_%d.py" % _i, "exec"), _namespace)
-        _report(test=_i, ok=True)
-    except BaseException as _e:
-        _report(test=_i, ok=False, error=(type(_e).__name__ + ": " + str(_e))[:300])
+        exec(compile({code!r}, "solution.py", "exec"), namespace)
+        exec(compile({setup!r}, "tests.py", "exec"), namespace)
+    except BaseException as e:
+        report(setup_error=(type(e).__name__ + ": " + str(e))[:500])
+        raise SystemExit(1)
     finally:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    for i, test in enumerate({tests!r}):
+        signal.setitimer(signal.ITIMER_REAL, {per_test})
+        try:
+            exec(compile(test, "test_%d.py" % i, "exec"), namespace)
+            report(test=i, ok=True)
+        except BaseException as e:
+            report(test=i, ok=False, error=(type(e).__name__ + ": " + str(e))[:300])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+_harness()
 """
 
 

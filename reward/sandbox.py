@@ -12,13 +12,15 @@ Nothing here runs model code in the trainer's process. Each run gets, in this or
   bootstrap as PID 1 of the new PID namespace. When PID 1 ends the kernel kills everything left in the
   namespace, so a daemonized or ``setsid`` child cannot outlive the run;
 - no network: the new network namespace has only a loopback device, and it is down;
-- a private mount namespace: a fresh, size-capped tmpfs is the working directory, and /tmp, /var/tmp and
-  /dev/shm are fresh tmpfs too, so nothing written outside the host temp dir survives the run;
+- a private mount namespace: every mount is read-only in its view, a fresh, size-capped tmpfs is the
+  working directory, and /tmp, /var/tmp and /dev/shm are fresh tmpfs too, so nothing the program writes
+  survives the run or lands outside it;
 - an unprivileged user: as root, the program runs as a uid of its own, with no supplementary groups and
   ``no_new_privs`` set (setuid binaries give nothing). Root ignores RLIMIT_NPROC, so this drop is what makes
   the process limit bite; and since the kernel counts RLIMIT_NPROC per uid, each concurrent run gets its
   own uid from a pool (``run_as_uid`` .. ``run_as_uid + uid_pool_size - 1``, ids no account uses), so a
-  fork bomb in one run cannot make ``fork`` fail in another;
+  fork bomb in one run cannot make ``fork`` fail in another. Without root, the user namespace's root has
+  every capability dropped instead (it could otherwise undo the mounts);
 - resource limits: CPU seconds, address space, processes, file size, open files, no core dumps;
 - ``python -I`` (isolated mode: no PYTHON* variables, no user site, no script dir on the path), a minimal
   environment (no inherited secrets or tokens), its own process group, killed as a whole on timeout;
@@ -37,8 +39,8 @@ means "cannot judge"; the program cannot produce it (setup success is reported o
 Deliberate simplifications:
 - no seccomp filter and no cgroup: memory is bounded by RLIMIT_AS per process, processes by RLIMIT_NPROC
   per run (per uid: without root there is one uid, so concurrent runs share the budget);
-- the file system stays readable where Unix permissions allow it (the sandbox user reads what "nobody" can);
-- one fresh interpreter per run (about 20 ms), no fork server.
+- the file system stays readable where Unix permissions let any account read;
+- one fresh interpreter per run (a few tens of ms), no fork server.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ class SandboxConfig:
     memory_mb: int = 1024  # RLIMIT_AS of the program
     max_output_bytes: int = 1 << 20  # per stream (stdout, stderr); more kills the run
     max_workers: int = 2  # runs in parallel in run_many
-    max_processes: int = 32  # RLIMIT_NPROC of the sandbox user (shared by concurrent runs, see module doc)
+    max_processes: int = 32  # RLIMIT_NPROC per run (as root; without root concurrent runs share it)
     max_file_mb: int = 16  # RLIMIT_FSIZE: largest file the program may write
     max_open_files: int = 64  # RLIMIT_NOFILE
     tmpfs_mb: int = 64  # size of each private tmpfs (working dir, /tmp, /var/tmp, /dev/shm)
@@ -101,7 +103,7 @@ class SandboxConfig:
     run_as_uid: int = 1_900_000_000
     uid_pool_size: int = 64
     run_as_gid: int = 65534  # nogroup
-    python: str | None = None  # interpreter; None: sys.executable, else /usr/bin/python3 (see _pick_python)
+    python: str | None = None  # interpreter; None: sys.executable, else /usr/bin/python3 (see _pythons)
     tmp_dir: str | None = None  # where the per-run temp dirs go; None: tempfile.gettempdir()
     # Isolation layers that must be active, else Sandbox() raises: names as in IsolationReport.layers().
     require: tuple[str, ...] = ()
@@ -853,7 +855,3 @@ class Sandbox:
 def isolation_report(config: SandboxConfig | None = None) -> IsolationReport:
     """The isolation a ``Sandbox`` with this config gets on this machine (detected once, then cached)."""
     return _detect(config or SandboxConfig()).report
-
-
-def report_dict(report: IsolationReport) -> dict:
-    return asdict(report)

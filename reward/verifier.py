@@ -30,36 +30,38 @@ from reward.compose import register_reward
 from reward.sandbox import Sandbox, SandboxConfig, SandboxJob, SandboxResult, Status
 
 _HARNESS = """\
-import json as _json, os as _os, signal as _signal, sys as _sys
-_channel = _os.dup(1)
-_NONCE = {nonce!r}
-_response = _json.loads(_sys.stdin.read())
+def _harness():
+    import json, os, signal, sys
+
+    channel = os.dup(1)
+    nonce = {nonce!r}
+    response = json.loads(sys.stdin.read())
+
+    def report(**fields):
+        os.write(channel, ("\\n" + nonce + " " + json.dumps(fields) + "\\n").encode())
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("over the per-verifier time limit")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    for i, source in enumerate({verifiers!r}):
+        signal.setitimer(signal.ITIMER_REAL, {per_verifier})
+        try:
+            namespace = {{"__name__": "verifier"}}
+            exec(compile(source, "verifier_%d.py" % i, "exec"), namespace)
+            if not callable(namespace.get("evaluate")):
+                raise NameError("the verifier defines no evaluate(response)")
+            verdict = namespace["evaluate"](response)
+            if not isinstance(verdict, bool):
+                raise TypeError("evaluate returned %s, not a bool" % type(verdict).__name__)
+            report(verifier=i, verdict=verdict)
+        except BaseException as e:
+            report(verifier=i, error=(type(e).__name__ + ": " + str(e))[:300])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _report(**fields):
-    _os.write(_channel, ("\\n" + _NONCE + " " + _json.dumps(fields) + "\\n").encode())
-
-
-def _on_alarm(signum, frame):
-    raise TimeoutError("over the per-verifier time limit")
-
-
-_signal.signal(_signal.SIGALRM, _on_alarm)
-for _i, _source in enumerate({verifiers!r}):
-    _signal.setitimer(_signal.ITIMER_REAL, {per_verifier})
-    try:
-        _namespace = {{"__name__": "verifier"}}
-        exec(compile(_source, "verifier_%d.py" % _i, "exec"), _namespace)
-        if not callable(_namespace.get("evaluate")):
-            raise NameError("the verifier defines no evaluate(response)")
-        _verdict = _namespace["evaluate"](_response)
-        if not isinstance(_verdict, bool):
-            raise TypeError("evaluate returned %s, not a bool" % type(_verdict).__name__)
-        _report(verifier=_i, verdict=_verdict)
-    except BaseException as _e:
-        _report(verifier=_i, error=(type(_e).__name__ + ": " + str(_e))[:300])
-    finally:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
+_harness()
 """
 
 

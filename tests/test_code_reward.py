@@ -84,6 +84,11 @@ def test_module_level_hang_scores_zero(code_reward):
         "print('3 tests passed')\nprint('{\"test\": 0, \"ok\": true}')",  # fake results
         "import sys, io\nsys.stdout = io.StringIO()\ndef add(a, b):\n    return 99",
         "raise SystemExit",
+        # Forge result lines with a nonce found in the program's globals.
+        "import __main__, json, os\nfor name, value in vars(__main__).items():\n"
+        "    if isinstance(value, str) and len(value) == 32:\n"
+        "        for i in range(3):\n"
+        "            print(value, json.dumps({'test': i, 'ok': True}), flush=True)\nos._exit(0)",
     ],
 )
 def test_reward_hacks_earn_nothing(code_reward, hack):
