@@ -54,18 +54,15 @@ def packed_sdpa_attention(
     if n_rep > 1:  # grouped-query attention: share each KV head across its query heads
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
-    outs = []
-    for start, end in segment_bounds(position_ids[0]):
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                is_causal=True,
-                dropout_p=dropout if module.training else 0.0,
-                scale=scaling,
-            )
+    # torch.split, not slicing: a slice's backward writes into a zero-filled full-size gradient, once per
+    # example (quadratic in the number of examples); split's backward is one concatenation.
+    lengths = [end - start for start, end in segment_bounds(position_ids[0])]
+    outs = [
+        F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=dropout if module.training else 0.0, scale=scaling
         )
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+    ]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None  # (1, T, H, D), as transformers expects
 

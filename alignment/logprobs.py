@@ -30,8 +30,8 @@ def chunked_logprobs(
 ) -> torch.Tensor:
     """log softmax(head(hidden))[targets], chunk rows at a time: (N, H), (N,) -> (N,)."""
     out = []
-    for s in range(0, hidden.shape[0], chunk):
-        h, t = hidden[s : s + chunk], targets[s : s + chunk]
+    # split, not slicing: each slice's backward would zero-fill a gradient of the full (N, H) size.
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
         if torch.is_grad_enabled() and h.requires_grad:
             out.append(checkpoint(_chunk_logprobs, h, head, t, use_reentrant=False))
         else:

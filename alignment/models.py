@@ -250,27 +250,32 @@ def yarn_rope_parameters(config, cfg: ModelConfig, max_length: int) -> dict | No
 def load_causal_lm(
     cfg: ModelConfig, max_length: int, name_or_path: str | None = None, trainable: bool = True
 ):
-    """Load a causal LM for training (or, with ``trainable=False``, as a frozen reference)."""
+    """Load a causal LM for training (or, with ``trainable=False``, as a frozen reference).
+
+    A LoRA adapter folder loads as its base with the adapter merged in.
+    """
     from transformers import AutoConfig
 
     path = resolve_model(name_or_path or cfg.name_or_path)
     if (Path(path) / "adapter_config.json").is_file():
-        return _load_adapter_merged(path, cfg, max_length, trainable)
-    config = AutoConfig.from_pretrained(path)
-    rope = yarn_rope_parameters(config, cfg, max_length)
-    if rope is not None:
-        config.rope_parameters = rope
-        config.max_position_embeddings = max(config.max_position_embeddings, max_length)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        config=config,
-        dtype=getattr(torch, cfg.dtype),
-        attn_implementation=pick_attn_implementation(cfg.attn_implementation),
-    )
+        model = _load_adapter_merged(path, cfg, max_length)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        rope = yarn_rope_parameters(config, cfg, max_length)
+        if rope is not None:
+            config.rope_parameters = rope
+            config.max_position_embeddings = max(config.max_position_embeddings, max_length)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=getattr(torch, cfg.dtype),
+            attn_implementation=pick_attn_implementation(cfg.attn_implementation),
+        )
     model.config.use_cache = False
     if not trainable:
         model.requires_grad_(False)
         return model.eval()
+    model.requires_grad_(True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
@@ -293,16 +298,12 @@ def apply_lora(model, cfg: ModelConfig):
     return get_peft_model(model, lora)
 
 
-def _load_adapter_merged(path: str, cfg: ModelConfig, max_length: int, trainable: bool):
-    """A LoRA adapter folder: load its base, merge the adapter in, then set up like any other model."""
+def _load_adapter_merged(path: str, cfg: ModelConfig, max_length: int):
     import json
 
-    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     from peft import PeftModel
 
-    model = load_causal_lm(cfg.__class__(**{**cfg.__dict__, "lora": None}), max_length, base, trainable=False)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    model.requires_grad_(trainable)
-    if trainable and cfg.lora is not None:
-        model = apply_lora(model, cfg)
-    return model if trainable else model.eval()
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    plain = ModelConfig(**{**cfg.__dict__, "lora": None, "gradient_checkpointing": False})
+    model = load_causal_lm(plain, max_length, base, trainable=False)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()

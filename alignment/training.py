@@ -42,6 +42,11 @@ def make_accelerator(tc: TrainingConfig):
         # MoE layers leave unrouted experts without gradients in a step.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if not torch.cuda.is_available():
+        # `accelerate launch` pins each CPU process to one thread (OMP_NUM_THREADS=1): on a CPU machine that
+        # leaves cores idle. Share them among this machine's processes instead.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(

@@ -174,3 +174,35 @@ def test_packing_fits_and_keeps_everything():
     batch = collate(packs[0])
     assert batch.position_ids[0].tolist().count(0) == len(packs[0])
     assert batch.seq_ids.max().item() == len(packs[0]) - 1
+
+
+def test_pair_truncation_modes_are_explicit_and_counted(qwen_tokenizer):
+    from alignment.data import PreferenceExample, tokenize_pair
+
+    ex = PreferenceExample(
+        prompt=[{"role": "user", "content": "word " * 40}],
+        chosen=[{"role": "assistant", "content": "The answer is yes, certainly."}],
+        rejected=[{"role": "assistant", "content": "No."}],
+    )
+    full = tokenize_pair(qwen_tokenizer, ex, 10_000, "drop", DataReport())
+    n_prompt = next(t for t, lab in enumerate(full.chosen.labels) if lab != IGNORE) + 1
+
+    report = DataReport()
+    left = tokenize_pair(qwen_tokenizer, ex, 40, "truncate_prompt", report)
+    assert report.truncated == 1 and max(len(left.chosen.input_ids), len(left.rejected.input_ids)) == 40
+    # The answers are whole; both keep the same (left-cut) prompt.
+    assert left.chosen.num_labels == full.chosen.num_labels and left.rejected.num_labels == full.rejected.num_labels
+    cut = len(full.chosen.input_ids) - len(left.chosen.input_ids)
+    assert left.chosen.input_ids == full.chosen.input_ids[cut:]
+    assert left.rejected.input_ids == full.rejected.input_ids[cut:]
+
+    report = DataReport()
+    right = tokenize_pair(qwen_tokenizer, ex, n_prompt + 3, "truncate_completion", report)
+    assert right.chosen.input_ids == full.chosen.input_ids[: n_prompt + 3] and right.chosen.labels[-1] == IGNORE
+    assert report.truncated == 1
+
+    report = DataReport()
+    assert tokenize_pair(qwen_tokenizer, ex, 40, "drop", report) is None and report.dropped_overlong == 1
+    # A prompt longer than the limit cannot keep its answer whole by cutting the answer: dropped and counted.
+    assert tokenize_pair(qwen_tokenizer, ex, n_prompt - 5, "truncate_completion", report) is None
+    assert report.dropped_overlong == 2

@@ -123,3 +123,19 @@ def test_overlong_inputs_are_truncated_from_the_left_not_crashing(trained_rm):
     assert scorer.tokenizer.decode(ids).rstrip().endswith("<|im_end|>")  # the answer and its end survive
     (score,) = scorer.score([long_prompt], [answer])
     assert score == score  # a number, not NaN
+
+
+def test_reward_model_composes_with_verifiable_rewards(trained_rm):
+    """The recipe-level path: a spec list builds the reward model next to a verifiable reward."""
+    from reward import RewardSpec, build_reward
+
+    reward = build_reward(
+        [
+            RewardSpec("reward_model", weight=0.5, params={"name_or_path": trained_rm}),
+            RewardSpec("math", weight=1.0),
+        ]
+    )
+    prompts = [[{"role": "user", "content": "What is 2 plus 2?"}]] * 2
+    out = reward(prompts, ["Sure! The answer is 4.", "No. The answer is 5."], answer=["4", "4"])
+    assert out.num_failed == 0
+    assert out.scores[0] > out.scores[1]

@@ -176,3 +176,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{tmp_path / 'two'}/model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_sft_saves_adapter_and_merged_model_that_load_back(tmp_path):
+    from alignment.config import ModelConfig
+    from alignment.models import load_causal_lm
+
+    out = run_sft(tmp_path, "lora", "model.lora={r: 4, alpha: 8, dropout: 0.0}", "training.max_steps=2")
+    merged = load_file(f"{out}/model.safetensors")
+    assert not any("lora_" in k for k in merged)  # a plain checkpoint vLLM can load
+    from_adapter = load_causal_lm(ModelConfig(name_or_path=f"{out}/adapter"), 128, trainable=False)
+    state = from_adapter.state_dict()
+    for k, v in merged.items():
+        torch.testing.assert_close(state[k], v, atol=1e-6, rtol=1e-6)
