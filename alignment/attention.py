@@ -61,7 +61,9 @@ def packed_sdpa_attention(
         F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=dropout if module.training else 0.0, scale=scaling
         )
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        for q, k, v in zip(
+            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
+        )
     ]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None  # (1, T, H, D), as transformers expects

@@ -461,3 +461,14 @@ def tokenize_pair(
         return None
     report.truncated += 1
     return PairSequences(*seqs)
+
+
+def tokenize_pairs(
+    tokenizer, examples: list[PreferenceExample], cfg: DataConfig, overlong: str, report: DataReport
+):
+    """Every pair tokenized and fitted; the over-long ones that cannot be kept are counted in ``report``."""
+    pairs = [
+        tokenize_pair(tokenizer, ex, cfg.max_length, overlong, report, f"pair {i}")
+        for i, ex in enumerate(examples)
+    ]
+    return [p for p in pairs if p is not None]

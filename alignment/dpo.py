@@ -51,7 +51,7 @@ from alignment.data import (
     collate,
     load_examples,
     normalize_preference_row,
-    tokenize_pair,
+    tokenize_pairs,
 )
 from alignment.logprobs import TokenLogProbs
 from alignment.models import cache_dir, load_causal_lm, load_tokenizer
@@ -60,13 +60,13 @@ from alignment.tracking import make_tracker
 from alignment.training import (
     build_optimizer,
     build_scheduler,
-    find_checkpoint,
-    load_checkpoint,
+    checkpoint_if_due,
+    finish,
     make_accelerator,
     plan_batches,
     print0,
-    save_checkpoint,
-    save_final_model,
+    progress_bar,
+    resume_step,
 )
 
 
@@ -216,11 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     report = DataReport()
     examples = load_examples(cfg.data, normalize_preference_row, report, rank0=accelerator.is_main_process)
-    pairs = [
-        tokenize_pair(tokenizer, ex, cfg.data.max_length, cfg.data.overlong, report, f"pair {i}")
-        for i, ex in enumerate(examples)
-    ]
-    pairs = [p for p in pairs if p is not None]
+    pairs = tokenize_pairs(tokenizer, examples, cfg.data, cfg.data.overlong, report)
     for line in report.lines():
         print0(accelerator, f"[data] {line}")
     plan = plan_batches(len(pairs), tc, world, cfg.data.seed)
@@ -234,15 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.register_for_checkpointing(scheduler)
     ref_fn = ref_fn_for(policy) if ref_fn_for is not None else None
 
-    start = 0
-    resume = find_checkpoint(tc.output_dir, tc.resume_from_checkpoint)
-    if resume is not None:
-        start = load_checkpoint(accelerator, resume)
-        print0(accelerator, f"[train] resumed from {resume} at step {start}")
+    start = resume_step(accelerator, tc)
 
-    bar = tqdm(
-        total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar)
-    )
+    bar = progress_bar(accelerator, len(plan), start, cfg.logging.progress_bar)
     policy.train()
     for step in range(start, len(plan)):
         t0 = time.perf_counter()
@@ -288,15 +278,17 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log(metrics, step + 1)
         bar.set_postfix(loss=f"{m[0]:.4f}", margin=f"{m[6]:.3f}", acc=f"{m[3]:.2f}")
         bar.update(1)
-        if tc.save_steps and (step + 1) % tc.save_steps == 0 and step + 1 < len(plan):
-            save_checkpoint(accelerator, tc.output_dir, step + 1, tc.save_total_limit, {"loss": m[0]})
+        checkpoint_if_due(accelerator, tc, step + 1, len(plan), {"loss": m[0]})
     bar.close()
 
-    save_final_model(accelerator, policy, tokenizer, tc.output_dir, cfg)
-    tracker.summary({"steps": len(plan), "pairs": len(pairs), **report.__dict__})
-    tracker.close()
-    print0(accelerator, f"[train] saved {tc.output_dir}")
-    accelerator.end_training()
+    finish(
+        accelerator,
+        policy,
+        tokenizer,
+        cfg,
+        tracker,
+        {"steps": len(plan), "pairs": len(pairs), **report.__dict__},
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from alignment.config import (
     LoggingConfig,
@@ -40,7 +39,7 @@ from alignment.data import (
     collate,
     load_examples,
     normalize_preference_row,
-    tokenize_pair,
+    tokenize_pairs,
 )
 from alignment.dpo import PreferenceDataConfig
 from alignment.losses import bradley_terry_loss
@@ -49,13 +48,13 @@ from alignment.tracking import make_tracker
 from alignment.training import (
     build_optimizer,
     build_scheduler,
-    find_checkpoint,
-    load_checkpoint,
+    checkpoint_if_due,
+    finish,
     make_accelerator,
     plan_batches,
     print0,
-    save_checkpoint,
-    save_final_model,
+    progress_bar,
+    resume_step,
 )
 from reward.model import SequenceScores, load_reward_model
 
@@ -111,11 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     report = DataReport()
     examples = load_examples(cfg.data, normalize_preference_row, report, rank0=accelerator.is_main_process)
-    pairs = [
-        tokenize_pair(tokenizer, ex, cfg.data.max_length, cfg.data.overlong, report, f"pair {i}")
-        for i, ex in enumerate(examples)
-    ]
-    pairs = [p for p in pairs if p is not None]
+    pairs = tokenize_pairs(tokenizer, examples, cfg.data, cfg.data.overlong, report)
     order = list(range(len(pairs)))
     random.Random(cfg.data.seed).shuffle(order)
     n_eval = int(len(pairs) * cfg.eval_fraction)
@@ -135,14 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     scorer, optimizer = accelerator.prepare(SequenceScores(model), optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    start = 0
-    resume = find_checkpoint(tc.output_dir, tc.resume_from_checkpoint)
-    if resume is not None:
-        start = load_checkpoint(accelerator, resume)
+    start = resume_step(accelerator, tc)
 
-    bar = tqdm(
-        total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar)
-    )
+    bar = progress_bar(accelerator, len(plan), start, cfg.logging.progress_bar)
     for step in range(start, len(plan)):
         scorer.train()
         G = plan.global_batch_size
@@ -177,21 +167,16 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log(metrics, step + 1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}")
         bar.update(1)
-        if tc.save_steps and (step + 1) % tc.save_steps == 0 and not last:
-            save_checkpoint(accelerator, tc.output_dir, step + 1, tc.save_total_limit, {"loss": loss})
+        checkpoint_if_due(accelerator, tc, step + 1, len(plan), {"loss": loss})
     bar.close()
 
-    save_final_model(accelerator, scorer, tokenizer, tc.output_dir, cfg)
     final = {"steps": len(plan), "train_pairs": len(pairs), "eval_pairs": len(eval_pairs)}
     if eval_pairs:
-        final["eval/accuracy"] = metrics.get("eval/accuracy")
+        final["eval/accuracy"] = metrics["eval/accuracy"]
         print0(
             accelerator, f"[eval] held-out accuracy {final['eval/accuracy']:.3f} on {len(eval_pairs)} pairs"
         )
-    tracker.summary(final)
-    tracker.close()
-    print0(accelerator, f"[train] saved {tc.output_dir}")
-    accelerator.end_training()
+    finish(accelerator, scorer, tokenizer, cfg, tracker, final)
 
 
 if __name__ == "__main__":

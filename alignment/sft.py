@@ -47,13 +47,13 @@ from alignment.tracking import make_tracker
 from alignment.training import (
     build_optimizer,
     build_scheduler,
-    find_checkpoint,
-    load_checkpoint,
+    checkpoint_if_due,
+    finish,
     make_accelerator,
     plan_batches,
     print0,
-    save_checkpoint,
-    save_final_model,
+    progress_bar,
+    resume_step,
 )
 
 
@@ -119,15 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not `prepare`d: it would step once per process
 
-    start = 0
-    resume = find_checkpoint(tc.output_dir, tc.resume_from_checkpoint)
-    if resume is not None:
-        start = load_checkpoint(accelerator, resume)
-        print0(accelerator, f"[train] resumed from {resume} at step {start}")
+    start = resume_step(accelerator, tc)
 
-    bar = tqdm(
-        total=len(plan), initial=start, disable=not (accelerator.is_main_process and cfg.logging.progress_bar)
-    )
+    bar = progress_bar(accelerator, len(plan), start, cfg.logging.progress_bar)
     policy.train()
     for step in range(start, len(plan)):
         t0 = time.perf_counter()
@@ -161,15 +155,17 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log(metrics, step + 1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         bar.update(1)
-        if tc.save_steps and (step + 1) % tc.save_steps == 0 and step + 1 < len(plan):
-            save_checkpoint(accelerator, tc.output_dir, step + 1, tc.save_total_limit, {"loss": loss_value})
+        checkpoint_if_due(accelerator, tc, step + 1, len(plan), {"loss": loss_value})
     bar.close()
 
-    save_final_model(accelerator, policy, tokenizer, tc.output_dir, cfg)
-    tracker.summary({"steps": len(plan), "train_tokens": n_tokens, **report.__dict__})
-    tracker.close()
-    print0(accelerator, f"[train] saved {tc.output_dir}")
-    accelerator.end_training()
+    finish(
+        accelerator,
+        policy,
+        tokenizer,
+        cfg,
+        tracker,
+        {"steps": len(plan), "train_tokens": n_tokens, **report.__dict__},
+    )
 
 
 if __name__ == "__main__":

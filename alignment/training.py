@@ -193,6 +193,37 @@ def load_checkpoint(accelerator, path: Path) -> int:
     return json.loads((path / STATE_FILE).read_text())["step"]
 
 
+def resume_step(accelerator, tc: TrainingConfig) -> int:
+    """The optimizer step to start from: 0, or the step of the checkpoint ``resume_from_checkpoint`` names."""
+    path = find_checkpoint(tc.output_dir, tc.resume_from_checkpoint)
+    if path is None:
+        return 0
+    step = load_checkpoint(accelerator, path)
+    print0(accelerator, f"[train] resumed from {path} at step {step}")
+    return step
+
+
+def progress_bar(accelerator, total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not (accelerator.is_main_process and enabled))
+
+
+def checkpoint_if_due(accelerator, tc: TrainingConfig, step: int, total: int, extra: dict[str, Any]) -> None:
+    """Save a resumable checkpoint after optimizer step ``step`` (1-based) every ``save_steps``, not at the end."""
+    if tc.save_steps and step % tc.save_steps == 0 and step < total:
+        save_checkpoint(accelerator, tc.output_dir, step, tc.save_total_limit, extra)
+
+
+def finish(accelerator, wrapped: nn.Module, tokenizer, cfg: Any, tracker, summary: dict[str, Any]) -> None:
+    """Save the final model, write the run summary, close the trackers."""
+    save_final_model(accelerator, wrapped, tokenizer, cfg.training.output_dir, cfg)
+    tracker.summary(summary)
+    tracker.close()
+    print0(accelerator, f"[train] saved {cfg.training.output_dir}")
+    accelerator.end_training()
+
+
 def save_final_model(accelerator, wrapped: nn.Module, tokenizer, output_dir: str, config: Any) -> None:
     """Standard HF folder (weights, config, tokenizer, chat template); LoRA: the adapter too, and merged weights."""
     out = Path(output_dir)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
+from data_synthesis.make_default_data import write_jsonl
 from reward.ifeval import CHECKERS, check_constraint, describe_constraint
 
 EVAL_SEED = 20240605
@@ -365,14 +366,6 @@ def code_rows() -> list[dict]:
             }
         )
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {len(rows)} rows to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
