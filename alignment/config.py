@@ -253,6 +253,19 @@ def parse_cli(cls: type, argv: list[str]) -> Any:
     return load_config(cls, path, overrides)
 
 
+def run_cli(main) -> None:
+    """Run an entry point; a bad recipe or bad data ends with its one-line message and exit code 2."""
+    import sys
+
+    from alignment.data import DataError
+
+    try:
+        main()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def describe(cls: type, indent: str = "  ") -> str:
     """Every key with its type and default: what ``--help`` prints."""
     lines = []

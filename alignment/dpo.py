@@ -42,6 +42,7 @@ from alignment.config import (
     SchedulerConfig,
     TrainingConfig,
     parse_cli,
+    run_cli,
     to_dict,
 )
 from alignment.data import (
@@ -292,4 +293,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -37,6 +37,7 @@ from alignment.config import (
     SchedulerConfig,
     TrainingConfig,
     parse_cli,
+    run_cli,
     to_dict,
 )
 from alignment.data import DataReport, Sequence, collate, fit_length, load_examples, normalize_sft_row, pack
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -99,3 +99,21 @@ def test_every_recipe_loads(path):
         assert isinstance(data, dict) and "distributed_type" in data
     else:
         load_config(schema, path)
+
+
+def test_cli_reports_a_bad_recipe_in_one_line_with_exit_code_2():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "alignment/sft.py", "recipes/sft.yaml", "optimizer.lrr=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: recipes/sft.yaml: optimizer.lrr: unknown key (allowed under optimizer: alpha, base, betas, clip, "
+        "eps, lr, merge_every, name, reference, rescale, reserve_p, tau_dtype, use_merge, weight_decay)"
+    ]
