@@ -191,14 +191,19 @@ def test_pair_truncation_modes_are_explicit_and_counted(qwen_tokenizer):
     left = tokenize_pair(qwen_tokenizer, ex, 40, "truncate_prompt", report)
     assert report.truncated == 1 and max(len(left.chosen.input_ids), len(left.rejected.input_ids)) == 40
     # The answers are whole; both keep the same (left-cut) prompt.
-    assert left.chosen.num_labels == full.chosen.num_labels and left.rejected.num_labels == full.rejected.num_labels
+    assert (
+        left.chosen.num_labels == full.chosen.num_labels
+        and left.rejected.num_labels == full.rejected.num_labels
+    )
     cut = len(full.chosen.input_ids) - len(left.chosen.input_ids)
     assert left.chosen.input_ids == full.chosen.input_ids[cut:]
     assert left.rejected.input_ids == full.rejected.input_ids[cut:]
 
     report = DataReport()
     right = tokenize_pair(qwen_tokenizer, ex, n_prompt + 3, "truncate_completion", report)
-    assert right.chosen.input_ids == full.chosen.input_ids[: n_prompt + 3] and right.chosen.labels[-1] == IGNORE
+    assert (
+        right.chosen.input_ids == full.chosen.input_ids[: n_prompt + 3] and right.chosen.labels[-1] == IGNORE
+    )
     assert report.truncated == 1
 
     report = DataReport()

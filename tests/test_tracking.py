@@ -16,7 +16,11 @@ def test_wandb_offline_and_tensorboard_write_their_files(tmp_path, monkeypatch):
     tracker.log({"loss": 1.5, "learning_rate": 1e-5}, step=1)
     tracker.summary({"steps": 1})
     tracker.close()
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 1.5, "learning_rate": 1e-5}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+        "step": 1,
+        "loss": 1.5,
+        "learning_rate": 1e-5,
+    }
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "summary.json").read_text()) == {"steps": 1}
