@@ -146,37 +146,24 @@ def pair_losses(cfg: LossConfig, c, r, ref_c, ref_r, len_c, len_r) -> tuple[torc
     return losses, rc, rr
 
 
-def setup_reference(cfg: DPOConfig, model, pairs, accelerator):
-    """-> (reference log-prob function or None, precomputed (n, 2) tensor or None)."""
+def setup_reference(cfg: DPOConfig, pairs, accelerator):
+    """-> (mode, frozen reference or None, precomputed (n, 2) table or None).
+
+    mode is "none" (reference-free SimPO), "lora_base", "model" (a frozen copy) or "precomputed".
+    """
     if cfg.loss.name == "simpo":
-        return None, None
+        return "none", None, None
     mode = cfg.reference.mode
     if mode == "auto":
         mode = "lora_base" if cfg.model.lora is not None else "model"
-    if mode == "lora_base" and cfg.model.lora is None:
-        raise ValueError("reference.mode: lora_base needs model.lora; use model or precomputed")
-
-    def disabled_adapter_fn(policy):
-        def fn(*args):
-            with torch.no_grad(), accelerator.unwrap_model(policy).model.disable_adapter():
-                return accelerator.unwrap_model(policy)(*args)
-
-        return fn
-
     if mode == "lora_base":
-        return disabled_adapter_fn, None
+        if cfg.model.lora is None:
+            raise ValueError("reference.mode: lora_base needs model.lora; use model or precomputed")
+        return mode, None, None
     ref = load_causal_lm(cfg.model, cfg.data.max_length, cfg.reference.name_or_path, trainable=False)
     ref_logprobs = TokenLogProbs(ref.to(accelerator.device), cfg.training.logits_chunk_size)
     if mode == "model":
-
-        def frozen_fn(_policy):
-            def fn(*args):
-                with torch.no_grad():
-                    return ref_logprobs(*args)
-
-            return fn
-
-        return frozen_fn, None
+        return mode, ref_logprobs, None
 
     # precomputed: every process computes its share, all gather, the main process writes the cache.
     settings = {"dtype": cfg.model.dtype, "mixed_precision": cfg.training.mixed_precision}
@@ -201,8 +188,24 @@ def setup_reference(cfg: DPOConfig, model, pairs, accelerator):
 
     table, hit = cached_reference_logps(path, key, len(pairs), compute, accelerator)
     print0(accelerator, f"[reference] {'reused' if hit else 'computed and cached'} {path}")
-    # The frozen copy goes out of scope here: only the table is kept.
-    return None, table
+    return mode, None, table  # the frozen copy goes out of scope here: only the table is kept
+
+
+def reference_logps(mode, frozen, table, policy, mb, idxs, accelerator, like: torch.Tensor):
+    """Reference log-probs of a micro-batch's chosen and rejected answers, (B,) each, without gradient."""
+    if mode == "precomputed":
+        ref = table[idxs].to(accelerator.device, like.dtype)
+        return ref[:, 0], ref[:, 1]
+    if mode == "none":
+        return torch.zeros_like(like), torch.zeros_like(like)
+    with torch.no_grad():
+        if mode == "model":
+            c, r, _, _ = pair_logps(frozen, mb, accelerator.device)
+            return c, r
+        logprobs = accelerator.unwrap_model(policy)  # the policy itself with its LoRA adapters switched off
+        with logprobs.model.disable_adapter():
+            c, r, _, _ = pair_logps(logprobs, mb, accelerator.device)
+        return c, r
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,12 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     print0(accelerator, f"[data] {len(pairs)} pairs, {len(plan)} optimizer steps")
 
     model = load_causal_lm(cfg.model, cfg.data.max_length)
-    ref_fn_for, ref_table = setup_reference(cfg, model, pairs, accelerator)
+    ref_mode, ref_frozen, ref_table = setup_reference(cfg, pairs, accelerator)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    ref_fn = ref_fn_for(policy) if ref_fn_for is not None else None
 
     start = resume_step(accelerator, tc)
 
@@ -245,13 +247,9 @@ def main(argv: list[str] | None = None) -> None:
             sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(policy)
             with sync, accelerator.autocast():
                 c, r, len_c, len_r = pair_logps(policy, mb, accelerator.device)
-                if ref_table is not None:
-                    ref = ref_table[idxs].to(accelerator.device, c.dtype)
-                    ref_c, ref_r = ref[:, 0], ref[:, 1]
-                elif ref_fn is not None:
-                    ref_c, ref_r, _, _ = pair_logps(ref_fn, mb, accelerator.device)
-                else:
-                    ref_c = ref_r = torch.zeros_like(c)
+                ref_c, ref_r = reference_logps(
+                    ref_mode, ref_frozen, ref_table, policy, mb, idxs, accelerator, c
+                )
                 losses, rc, rr = pair_losses(cfg.loss, c, r, ref_c, ref_r, len_c, len_r)
                 accelerator.backward(losses.sum() / G * world)  # DDP averages over processes
             d = lambda t: t.detach().double().sum()  # noqa: E731

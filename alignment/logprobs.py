@@ -13,7 +13,6 @@ The wrapper is an ``nn.Module`` so that DDP / FSDP / DeepSpeed wrap it and see i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -62,10 +61,3 @@ class TokenLogProbs(nn.Module):
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         mask = labels != IGNORE  # (1, T)
         return chunked_logprobs(hidden[mask], head, labels[mask], self.chunk_size)
-
-
-def reference_logprobs_full(model: nn.Module, input_ids, position_ids, labels) -> torch.Tensor:
-    """The plain way (full logits), used by tests to check the chunked path."""
-    logits = model(input_ids=input_ids, position_ids=position_ids).logits.float()
-    mask = labels != IGNORE
-    return F.log_softmax(logits[mask], -1).gather(-1, labels[mask][:, None]).squeeze(-1)

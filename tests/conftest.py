@@ -51,3 +51,27 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def read_metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+def reset_accelerate() -> None:
+    """Entry points run in-process one after another: forget the previous run's accelerate singletons."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def launch_two_processes(script: str, recipe: str, overrides: list[str], output_dir) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU), one thread each; fails with its stderr."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / script), str(REPO / recipe), *overrides, f"training.output_dir={output_dir}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

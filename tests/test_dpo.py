@@ -3,9 +3,6 @@ keyed correctly and never trusts a damaged file, and 2 processes match 1."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignment.dpo import main as dpo_main
-from tests.conftest import REPO, read_metrics, write_jsonl
+from tests.conftest import REPO, launch_two_processes, read_metrics, reset_accelerate, write_jsonl
 
 PAIRS = [
     {
@@ -26,10 +23,7 @@ PAIRS = [
 
 
 def run_dpo(tmp_path, name, *overrides, data=None, cache=None):
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate()
     data = data or write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     out = tmp_path / name
     dpo_main(
@@ -156,14 +150,12 @@ def test_two_processes_give_the_same_loss_as_one(tmp_path):
         "logging.report_to=[]", "logging.progress_bar=false", "training.per_device_batch_size=2",
     ]  # fmt: skip
     one = run_dpo(tmp_path, "one", *common, "training.gradient_accumulation_steps=2", data=data)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "alignment/dpo.py"), str(REPO / "recipes/dpo.yaml"),
-        *common, "training.gradient_accumulation_steps=1", f"training.output_dir={tmp_path / 'two'}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes(
+        "alignment/dpo.py",
+        "recipes/dpo.yaml",
+        [*common, "training.gradient_accumulation_steps=1"],
+        tmp_path / "two",
+    )
     a, b = read_metrics(one), read_metrics(tmp_path / "two")
     for x, y in zip(a, b, strict=True):
         for k in ("loss", "rewards/margins", "logps/chosen"):

@@ -7,16 +7,9 @@ import math
 
 import pytest
 
-from tests.conftest import REPO, read_metrics
+from tests.conftest import REPO, read_metrics, reset_accelerate
 
 pytestmark = pytest.mark.slow
-
-
-def _reset():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +17,7 @@ def sft_out(tmp_path_factory):
     from alignment.sft import main
 
     out = tmp_path_factory.mktemp("slow") / "sft"
-    _reset()
+    reset_accelerate()
     main([str(REPO / "recipes/sft.yaml"), "training.max_steps=2", "data.max_length=1024", "training.per_device_batch_size=2",
           "logging.report_to=[]", "logging.progress_bar=false", f"training.output_dir={out}"])  # fmt: skip
     return out
@@ -40,7 +33,7 @@ def test_sft_recipe_on_smollm2(sft_out):
 def test_dpo_recipe_from_the_sft_output(sft_out, tmp_path):
     from alignment.dpo import main
 
-    _reset()
+    reset_accelerate()
     main([str(REPO / "recipes/dpo.yaml"), f"model.name_or_path={sft_out}", "training.max_steps=2",
           "training.per_device_batch_size=4", f"reference.cache_dir={tmp_path / 'ref'}", "logging.report_to=[]",
           "logging.progress_bar=false", f"training.output_dir={tmp_path / 'dpo'}"])  # fmt: skip
@@ -51,7 +44,7 @@ def test_dpo_recipe_from_the_sft_output(sft_out, tmp_path):
 def test_reward_recipe_on_smollm2(tmp_path):
     from alignment.reward_model import main
 
-    _reset()
+    reset_accelerate()
     main([str(REPO / "recipes/reward.yaml"), "training.max_steps=2", "training.per_device_batch_size=4",
           "eval_fraction=0.05", "logging.report_to=[]", "logging.progress_bar=false",
           f"training.output_dir={tmp_path / 'rm'}"])  # fmt: skip

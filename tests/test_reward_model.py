@@ -10,7 +10,7 @@ import pytest
 
 from alignment.reward_model import main as rm_main
 from reward.base import RewardFunction, RewardOutput
-from tests.conftest import REPO, read_metrics, write_jsonl
+from tests.conftest import REPO, read_metrics, reset_accelerate, write_jsonl
 
 WORDS = "river stone cloud apple tiger music paper green silver window garden candle".split()
 
@@ -32,10 +32,7 @@ def toy_pairs(n: int, seed: int) -> list[dict]:
 
 
 def train_rm(tmp_path, *overrides) -> str:
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate()
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(60, 0))
     out = tmp_path / "rm"
     rm_main(
