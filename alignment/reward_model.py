@@ -42,9 +42,9 @@ from alignment.data import (
     normalize_preference_row,
     tokenize_pairs,
 )
-from alignment.dpo import PreferenceDataConfig
 from alignment.losses import bradley_terry_loss
 from alignment.models import load_tokenizer
+from alignment.preference import PreferenceDataConfig
 from alignment.tracking import make_tracker
 from alignment.training import (
     build_optimizer,
@@ -76,6 +76,11 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        # The reward model is loaded as a full sequence classifier: refuse what would silently be ignored.
+        if self.model.lora is not None:
+            raise ValueError("model.lora: the reward model trains all weights; set model.lora: null")
+        if self.model.rope_scaling is not None:
+            raise ValueError("model.rope_scaling: not supported for the reward model; set it to null")
 
 
 def pair_scores(scorer, pairs: list[PairSequences], device) -> tuple[torch.Tensor, torch.Tensor]:
