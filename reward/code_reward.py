@@ -134,7 +134,11 @@ def _row_tests(tests: Any, entry_point: Any) -> tuple[list[str], str]:
 
 @register_reward("code")
 class CodeReward:
-    """Pass rate of the row's tests on the completion's code, run in the sandbox."""
+    """Pass rate of the row's tests on the completion's code, run in the sandbox.
+
+    Construction raises where the sandbox lacks a layer of ``reward.sandbox.REQUIRED_LAYERS``, naming it;
+    ``allow_weak_isolation=True`` runs anyway, with a warning on every call.
+    """
 
     name = "code"
 
@@ -147,6 +151,7 @@ class CodeReward:
         per_test_timeout_s: float = 3.0,
         memory_mb: int = 1024,
         max_workers: int = 2,
+        allow_weak_isolation: bool = False,
         sandbox: Sandbox | None = None,
     ) -> None:
         if per_test_timeout_s <= 0 or timeout_s <= 0:
@@ -159,7 +164,14 @@ class CodeReward:
             prefix_column,
         )
         self.per_test_timeout_s = per_test_timeout_s
-        config = SandboxConfig(timeout_s=timeout_s, memory_mb=memory_mb, max_workers=max_workers)
+        # The sandbox refuses to start without its network, PID and mount namespaces and its Unix-socket
+        # filter unless allow_weak_isolation says so (then every run logs a warning).
+        config = SandboxConfig(
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            max_workers=max_workers,
+            allow_weak_isolation=allow_weak_isolation,
+        )
         self.sandbox = sandbox or Sandbox(config)
 
     def __call__(

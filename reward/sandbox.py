@@ -21,6 +21,10 @@ Nothing here runs model code in the trainer's process. Each run gets, in this or
   own uid from a pool (``run_as_uid`` .. ``run_as_uid + uid_pool_size - 1``, ids no account uses), so a
   fork bomb in one run cannot make ``fork`` fail in another. Without root, the user namespace's root has
   every capability dropped instead (it could otherwise undo the mounts);
+- no Unix-domain sockets: a seccomp filter makes ``socket(AF_UNIX, ...)``, datagram ``socketpair`` and
+  io_uring fail with EPERM. A network namespace does not cover path-bound sockets (a read-only mount does
+  not stop ``connect`` either), so without it the program could talk to any world-writable socket on the
+  host (D-Bus, a container runtime, a database);
 - resource limits: CPU seconds, address space, processes, file size, open files, no core dumps;
 - ``python -I`` (isolated mode: no PYTHON* variables, no user site, no script dir on the path), a minimal
   environment (no inherited secrets or tokens), its own process group, killed as a whole on timeout;
@@ -29,7 +33,10 @@ Nothing here runs model code in the trainer's process. Each run gets, in this or
 Which layers are active is detected at start-up by running a probe program through the real launcher and
 reading what it observes (its uid, its pid, the network interfaces it sees, ...): see ``isolation_report()``.
 Without root and without user namespaces only the rlimits, the process group, ``-I`` and the minimal
-environment remain, and the report says so; ``SandboxConfig.require`` turns a missing layer into an error.
+environment remain. That is not a silent fallback: ``SandboxConfig.require`` (by default the network, PID
+and mount namespaces and the Unix-socket filter, ``REQUIRED_LAYERS``) makes ``Sandbox()`` raise when one of
+them is missing, naming it. ``allow_weak_isolation=True`` accepts the weaker sandbox on purpose; it is then
+logged as a warning at construction and on every ``run`` / ``run_many``.
 
 Statuses: ``passed`` (exit code 0), ``failed`` (non-zero exit: an exception, an assert, a syntax error),
 ``timeout`` (wall clock or CPU limit), ``memory`` (MemoryError under the address-space limit), ``killed`` (a
@@ -37,8 +44,9 @@ signal, or output over the cap) and ``error``: the sandbox itself could not run 
 means "cannot judge"; the program cannot produce it (setup success is reported over a pipe it never sees).
 
 Deliberate simplifications:
-- no seccomp filter and no cgroup: memory is bounded by RLIMIT_AS per process, processes by RLIMIT_NPROC
-  per run (per uid: without root there is one uid, so concurrent runs share the budget);
+- no cgroup, and seccomp only for Unix sockets and io_uring: memory is bounded by RLIMIT_AS per process,
+  processes by RLIMIT_NPROC per run (per uid: without root there is one uid, so concurrent runs share the
+  budget);
 - the file system stays readable where Unix permissions let any account read;
 - one fresh interpreter per run (a few tens of ms), no fork server.
 """
@@ -74,6 +82,8 @@ EXIT_MEMORY = 125
 _EXIT_GRACE_S = 0.2
 _SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 _PROBE_TIMEOUT_S = 20.0
+# The layers model-written code must not run without (unless SandboxConfig.allow_weak_isolation says so).
+REQUIRED_LAYERS = ("network_namespace", "pid_namespace", "mount_namespace", "unix_socket_filter")
 
 
 class Status(StrEnum):
@@ -106,7 +116,9 @@ class SandboxConfig:
     python: str | None = None  # interpreter; None: sys.executable, else /usr/bin/python3 (see _pythons)
     tmp_dir: str | None = None  # where the per-run temp dirs go; None: tempfile.gettempdir()
     # Isolation layers that must be active, else Sandbox() raises: names as in IsolationReport.layers().
-    require: tuple[str, ...] = ()
+    require: tuple[str, ...] = REQUIRED_LAYERS
+    # True: run even when a required layer is missing (logged as a warning on every run). Only on purpose.
+    allow_weak_isolation: bool = False
 
     def __post_init__(self) -> None:
         positive = ("timeout_s", "memory_mb", "max_output_bytes", "max_workers", "max_processes")
@@ -125,6 +137,10 @@ class SandboxConfig:
             raise ValueError("SandboxConfig.run_as_uid, run_as_gid and uid_pool_size must be ints")
         if self.run_as_uid + self.uid_pool_size > 2**31:
             raise ValueError("SandboxConfig.run_as_uid + uid_pool_size must stay below 2**31")
+        if not isinstance(self.allow_weak_isolation, bool):
+            raise ValueError(
+                f"SandboxConfig.allow_weak_isolation must be a bool, got {self.allow_weak_isolation!r}"
+            )
         self.require = tuple(self.require)
         unknown = set(self.require) - set(IsolationReport.LAYERS)
         if unknown:
@@ -168,6 +184,7 @@ class IsolationReport:
         "network_namespace",
         "pid_namespace",
         "mount_namespace",
+        "unix_socket_filter",
         "read_only_fs",
         "user_namespace",
         "uid_drop",
@@ -178,6 +195,7 @@ class IsolationReport:
     network_namespace: bool = False  # sees no interface but loopback
     pid_namespace: bool = False  # runs as PID 2 under our PID 1
     mount_namespace: bool = False  # private tmpfs for cwd and /tmp (the host /tmp marker is invisible)
+    unix_socket_filter: bool = False  # socket(AF_UNIX) fails: no way to reach a socket file on the host
     read_only_fs: bool = False  # "/" is mounted read-only in its view
     user_namespace: bool = False  # non-root parent: namespaces through an unprivileged user namespace
     uid_drop: bool = False  # runs as a pool uid, so RLIMIT_NPROC is enforced
@@ -191,6 +209,10 @@ class IsolationReport:
 
     def layers(self) -> dict[str, bool]:
         return {name: getattr(self, name) for name in self.LAYERS}
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` that are not active."""
+        return [n for n in names if not getattr(self, n)]
 
     def summary(self) -> str:
         on = [n for n, v in self.layers().items() if v]
@@ -312,6 +334,7 @@ def _boot_child(libc, source: str, params, ready_w: int) -> None:
         pr_set_no_new_privs = 38
         if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
             raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
+        _boot_filter_unix_sockets(libc)  # best effort: the probe reports whether it is in force
         for name, soft, hard in params["rlimits"]:
             resource.setrlimit(getattr(resource, name), (soft, hard))
     except Exception as e:  # noqa: BLE001
@@ -370,6 +393,70 @@ def _boot_drop_capabilities(libc) -> None:
     libc.capset(ctypes.byref(Header(linux_capability_version_3, 0)), (Data * 2)())
 
 
+def _boot_filter_unix_sockets(libc) -> bool:
+    """Install a seccomp filter: socket(AF_UNIX), non-stream socketpair and io_uring fail with EPERM.
+
+    A path-bound Unix socket is reachable from any network namespace, and a read-only mount does not stop
+    ``connect`` on it; only the socket file's mode does. Stream socketpairs stay allowed (asyncio's self-pipe);
+    datagram ones could ``sendto`` any path, and io_uring could open and connect sockets past seccomp.
+    Syscalls of another ABI (i386 ``socketcall``, x32) are refused as a whole. Returns False where the
+    architecture is unknown or the kernel refuses the filter.
+    """
+    import ctypes
+    import os
+
+    # machine: (AUDIT_ARCH, __NR_socket, __NR_socketpair); io_uring_setup/enter/register are 425-427 on both.
+    arches = {"x86_64": (0xC000003E, 41, 53), "aarch64": (0xC00000B7, 198, 199)}
+    if os.uname().machine not in arches:
+        return False
+    arch, nr_socket, nr_socketpair = arches[os.uname().machine]
+    ld_abs, jeq, jge, and_k, ret = 0x20, 0x15, 0x35, 0x54, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    af_unix, sock_stream, sock_type_mask = 1, 1, 0xF
+    # (label, code, jump if true, jump if false, k) over struct seccomp_data {nr; arch; ip; args[6]}.
+    program = [
+        ("", ld_abs, 0, 0, 4),  # arch
+        ("", jeq, 0, "deny", arch),
+        ("", ld_abs, 0, 0, 0),  # syscall number
+        ("", jge, "deny", 0, 0x40000000),  # the x32 ABI
+        ("", jeq, "socket", 0, nr_socket),
+        ("", jeq, "socketpair", 0, nr_socketpair),
+        ("", jeq, "deny", 0, 425),
+        ("", jeq, "deny", 0, 426),
+        ("", jeq, "deny", 0, 427),
+        ("", ret, 0, 0, allow),
+        ("socket", ld_abs, 0, 0, 16),  # args[0], low 32 bits: the domain
+        ("", jeq, "deny", "allow", af_unix),
+        ("socketpair", ld_abs, 0, 0, 24),  # args[1]: the type, with SOCK_NONBLOCK / SOCK_CLOEXEC bits
+        ("", and_k, 0, 0, sock_type_mask),
+        ("", jeq, "allow", "deny", sock_stream),
+        ("allow", ret, 0, 0, allow),
+        ("deny", ret, 0, 0, deny),
+    ]
+    at = {label: i for i, (label, *_) in enumerate(program) if label}
+
+    class Insn(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Insn))]
+
+    def offset(target, i: int) -> int:
+        return at[target] - i - 1 if isinstance(target, str) else target  # BPF jumps only go forward
+
+    insns = (Insn * len(program))(
+        *(Insn(code, offset(jt, i), offset(jf, i), k) for i, (_, code, jt, jf, k) in enumerate(program))
+    )
+    prog = Prog(len(program), insns)
+    pr_set_seccomp, seccomp_mode_filter = 22, 2
+    return libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0) == 0
+
+
 def _boot_wait(pid: int, timeout_s: float) -> dict:
     """Wait for the program; a backstop alarm kills it should the parent be gone and unable to."""
     import math
@@ -395,7 +482,14 @@ def _boot_wait(pid: int, timeout_s: float) -> dict:
 
 @functools.cache
 def _bootstrap_source() -> str:
-    functions = (_boot_main, _boot_mount_private, _boot_child, _boot_drop_capabilities, _boot_wait)
+    functions = (
+        _boot_main,
+        _boot_mount_private,
+        _boot_child,
+        _boot_drop_capabilities,
+        _boot_filter_unix_sockets,
+        _boot_wait,
+    )
     parts = [inspect.getsource(f) for f in functions]
     return "\n\n".join(parts) + "\n\n_boot_main()\n"
 
@@ -409,6 +503,11 @@ import json, os, socket, sys
 import collections, decimal, fractions, functools, hashlib, heapq, itertools, math, random, re, string
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 uid_map = open("/proc/self/uid_map").read().split()
+try:
+    socket.socket(socket.AF_UNIX).close()
+    unix_refused = False
+except PermissionError:
+    unix_refused = True
 print(json.dumps({
     "uid": os.getuid(), "pid": os.getpid(), "version": sys.version.split()[0],
     "interfaces": [name for _, name in socket.if_nameindex()],
@@ -417,6 +516,7 @@ print(json.dumps({
     "read_only_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
     "marker_visible": os.path.exists(MARKER),
     "host_uid_map": uid_map[:3] == ["0", "0", "4294967295"],
+    "unix_refused": unix_refused,
 }))
 """
 
@@ -434,9 +534,13 @@ _SETUP_CACHE: dict[tuple, _Setup] = {}
 _SETUP_LOCK = threading.Lock()
 
 
-def _launchers(is_root: bool) -> list[list[str]]:
-    """Strongest first. unshare is in util-linux, which every Debian has."""
-    unshare = shutil.which("unshare", path=_SYSTEM_PATH)
+def _find_unshare() -> str | None:
+    """The namespace launcher (util-linux, which every Debian has), or None."""
+    return shutil.which("unshare", path=_SYSTEM_PATH)
+
+
+def _launchers(is_root: bool, unshare: str | None) -> list[list[str]]:
+    """Strongest first."""
     if not unshare:
         return [[]]
     user = [] if is_root else ["--user", "--map-root-user"]
@@ -456,7 +560,8 @@ def _pythons(config: SandboxConfig) -> list[str]:
 def _detect(config: SandboxConfig) -> _Setup:
     """Try launcher x interpreter combinations, strongest first; keep the first the probe program passes."""
     is_root = os.geteuid() == 0
-    key = (is_root, config.python, config.run_as_uid, config.uid_pool_size, config.run_as_gid)
+    unshare = _find_unshare()
+    key = (is_root, unshare, config.python, config.run_as_uid, config.uid_pool_size, config.run_as_gid)
     with _SETUP_LOCK:
         if key in _SETUP_CACHE:
             return _SETUP_CACHE[key]
@@ -467,7 +572,7 @@ def _detect(config: SandboxConfig) -> _Setup:
         )
         with marker:
             probe = _PROBE.replace("MARKER", repr(marker.name))
-            for launcher in _launchers(is_root):
+            for launcher in _launchers(is_root, unshare):
                 for python in _pythons(config):
                     setup = _Setup(launcher, python, is_root, "--mount-proc" in launcher, IsolationReport())
                     result = _run_job(config, setup, SandboxJob(probe, timeout_s=_PROBE_TIMEOUT_S))
@@ -489,6 +594,7 @@ def _read_probe(stdout: str, setup: _Setup, config: SandboxConfig, failures: lis
         network_namespace="--net" in setup.launcher and set(seen["interfaces"]) <= {"lo"},
         pid_namespace="--pid" in setup.launcher and seen["pid"] == 2,
         mount_namespace=setup.private_mounts and not seen["marker_visible"],
+        unix_socket_filter=seen["unix_refused"],
         user_namespace="--user" in setup.launcher and not seen["host_uid_map"],
         uid_drop=setup.drop and config.run_as_uid <= seen["uid"] < config.run_as_uid + config.uid_pool_size,
         no_new_privs=seen["no_new_privs"],
@@ -814,7 +920,8 @@ class Sandbox:
     """Runs programs in the sandbox, one at a time (``run``) or on a bounded pool of workers (``run_many``).
 
     Construction detects the isolation once per process and configuration (a few probe runs, well under a
-    second) and raises if a layer named in ``config.require`` is missing.
+    second) and raises if a layer named in ``config.require`` is missing, unless
+    ``config.allow_weak_isolation``: then every construction and every run logs a warning naming the layers.
     """
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
@@ -822,11 +929,23 @@ class Sandbox:
         if os.geteuid() == 0:
             _check_uid_pool(self.config)
         self._setup = _detect(self.config)
-        missing = [n for n in self.config.require if not self._setup.report.layers()[n]]
-        if missing:
+        self.missing_layers = self._setup.report.missing(self.config.require)
+        if self.missing_layers and not self.config.allow_weak_isolation:
             raise RuntimeError(
-                f"sandbox isolation {missing} required but not available ({self._setup.report.summary()}); "
-                "run as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)"
+                f"sandbox isolation layer(s) {', '.join(self.missing_layers)} required but not active here "
+                f"({self._setup.report.summary()}). Run as root or allow unprivileged user namespaces "
+                "(sysctl user.max_user_namespaces > 0; on Debian also kernel.unprivileged_userns_clone=1); "
+                "or accept the weaker sandbox on purpose with SandboxConfig(allow_weak_isolation=True) "
+                "(the code and verifier rewards: the param allow_weak_isolation: true)"
+            )
+        self._warn_weak()
+
+    def _warn_weak(self) -> None:
+        if self.missing_layers:
+            logger.warning(
+                "WEAK SANDBOX: model-written code runs without %s (allow_weak_isolation=True); %s",
+                ", ".join(self.missing_layers),
+                self._setup.report.summary(),
             )
 
     def isolation_report(self) -> IsolationReport:
@@ -835,6 +954,7 @@ class Sandbox:
     def run(self, program: str, stdin: str | None = None, timeout_s: float | None = None) -> SandboxResult:
         if not isinstance(program, str):
             raise TypeError(f"Sandbox.run takes the program as a str, got {type(program).__name__}")
+        self._warn_weak()
         return _run_job(self.config, self._setup, SandboxJob(program, stdin, timeout_s))
 
     def run_many(self, jobs: Sequence[SandboxJob | str]) -> list[SandboxResult]:
@@ -847,6 +967,7 @@ class Sandbox:
                 )
         if not jobs:
             return []
+        self._warn_weak()
         workers = min(self.config.max_workers, len(jobs))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
             return list(pool.map(lambda job: _run_job(self.config, self._setup, job), jobs))

@@ -79,7 +79,11 @@ def _row_verifiers(value: Any) -> list[str]:
 
 @register_reward("verifier")
 class VerifierReward:
-    """Share of the row's generated verifiers that accept the completion; see the module docstring."""
+    """Share of the row's generated verifiers that accept the completion; see the module docstring.
+
+    Like ``CodeReward``, construction raises where the sandbox lacks a required layer, unless
+    ``allow_weak_isolation=True``.
+    """
 
     name = "verifier"
 
@@ -90,6 +94,7 @@ class VerifierReward:
         per_verifier_timeout_s: float = 2.0,
         memory_mb: int = 512,
         max_workers: int = 2,
+        allow_weak_isolation: bool = False,
         sandbox: Sandbox | None = None,
     ) -> None:
         if per_verifier_timeout_s <= 0:
@@ -98,8 +103,14 @@ class VerifierReward:
             )
         self.verifiers_column = verifiers_column
         self.per_verifier_timeout_s = per_verifier_timeout_s
+        # Refuses to start without the sandbox's required layers unless allow_weak_isolation (see CodeReward).
         self.sandbox = sandbox or Sandbox(
-            SandboxConfig(timeout_s=timeout_s, memory_mb=memory_mb, max_workers=max_workers)
+            SandboxConfig(
+                timeout_s=timeout_s,
+                memory_mb=memory_mb,
+                max_workers=max_workers,
+                allow_weak_isolation=allow_weak_isolation,
+            )
         )
 
     def __call__(

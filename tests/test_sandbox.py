@@ -3,16 +3,23 @@
 Every test runs with small limits (2 s, 256 MB, 16 processes) so a bomb stays a small bomb on a 2-core
 machine. After each test the ``no_leaks`` fixture checks that the per-run temp dirs are gone and that the
 sandbox user runs no process it did not run before.
+
+The fixtures build the sandbox with its defaults, which refuse to start without the network, PID and mount
+namespaces and the Unix-socket filter: on a machine without them these tests fail, they do not skip. Tests
+of a layer that is optional (the uid drop needs root) skip, naming the layer.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -21,7 +28,9 @@ from pathlib import Path
 import pytest
 
 import reward.sandbox as sandbox_module
-from reward.sandbox import Sandbox, SandboxConfig, SandboxJob, Status, isolation_report
+from reward.code_reward import CodeReward
+from reward.sandbox import REQUIRED_LAYERS, Sandbox, SandboxConfig, SandboxJob, Status, isolation_report
+from reward.verifier import VerifierReward
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
@@ -93,6 +102,13 @@ def no_leaks(request, tmp_path):
 
 def _report():
     return isolation_report()
+
+
+def _needs(*layers: str) -> None:
+    """Skip, naming the layer, when the test is about a layer this machine does not give the sandbox."""
+    missing = _report().missing(layers)
+    if missing:
+        pytest.skip(f"sandbox layer {', '.join(missing)} inactive here: {_report().summary()}")
 
 
 # ---------------------------------------------------------------- statuses
@@ -202,12 +218,88 @@ def test_report_claims_every_namespace_the_machine_allows():
         assert layers["network_namespace"]
     if _machine_allows(*user, "--pid", "--fork", "--mount-proc"):
         assert layers["pid_namespace"] and layers["mount_namespace"] and layers["read_only_fs"]
+    with open("/proc/self/status") as f:
+        seccomp = any(line.startswith("Seccomp:") for line in f)
+    if seccomp and os.uname().machine in ("x86_64", "aarch64"):
+        assert layers["unix_socket_filter"]
+
+
+# ---------------------------------------------------------------- weak isolation is refused, or loud
+
+
+@pytest.fixture(params=["no unshare", "unshare refused"])
+def without_namespaces(request, monkeypatch):
+    """Simulate a machine without namespaces: no launcher at all, or one that always fails (as unshare does
+    where user namespaces are off). Detection is cached per launcher, so the real one is not disturbed."""
+    fake = None if request.param == "no unshare" else shutil.which("false")
+    monkeypatch.setattr(sandbox_module, "_find_unshare", lambda: fake)
+    return request.param
+
+
+def test_required_layers_default_to_the_namespaces_and_the_socket_filter():
+    assert set(SandboxConfig().require) == set(REQUIRED_LAYERS)
+    assert {"network_namespace", "pid_namespace", "mount_namespace", "unix_socket_filter"} <= set(
+        REQUIRED_LAYERS
+    )
+    assert SandboxConfig().allow_weak_isolation is False
+
+
+def test_missing_namespaces_are_refused_by_default(config, without_namespaces):
+    layers = sandbox_module.isolation_report(config).layers()
+    assert not layers["network_namespace"] and not layers["pid_namespace"] and not layers["mount_namespace"]
+    for build in (
+        lambda: Sandbox(config),
+        lambda: CodeReward(timeout_s=2.0, memory_mb=256),
+        lambda: VerifierReward(timeout_s=2.0, memory_mb=256),
+    ):
+        with pytest.raises(RuntimeError) as raised:
+            build()
+        message = str(raised.value)
+        for layer in ("network_namespace", "pid_namespace", "mount_namespace"):
+            assert layer in message
+        assert "allow_weak_isolation" in message
+
+
+def test_weak_isolation_on_purpose_runs_and_warns_every_run(config, without_namespaces, caplog):
+    config.allow_weak_isolation = True
+    with caplog.at_level(logging.WARNING, logger="reward.sandbox"):
+        sandbox = Sandbox(config)
+        built = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        results = [sandbox.run("print(6 * 7)"), *sandbox.run_many(["print(1)", "print(2)"])]
+        per_run = [r.getMessage() for r in caplog.records]
+    assert [r.status for r in results] == [Status.PASSED] * 3 and results[0].stdout == "42\n"
+    for messages, expected in ((built, 1), (per_run, 2)):  # construction, then run and run_many
+        weak = [m for m in messages if "WEAK SANDBOX" in m]
+        assert len(weak) == expected, messages
+        assert all("network_namespace" in m and "pid_namespace" in m for m in weak)
+    assert sandbox.missing_layers and "mount_namespace" in sandbox.missing_layers
+
+
+def test_code_reward_with_weak_isolation_on_purpose_scores_and_warns(without_namespaces, caplog):
+    with caplog.at_level(logging.WARNING, logger="reward.sandbox"):
+        reward = CodeReward(timeout_s=5.0, per_test_timeout_s=1.0, memory_mb=256, allow_weak_isolation=True)
+        caplog.clear()
+        out = reward(["p"], ["def add(a, b):\n    return a + b"], tests=[["assert add(1, 2) == 3"]])
+    assert out.scores == [1.0]
+    assert any("WEAK SANDBOX" in r.getMessage() for r in caplog.records)
+
+
+def test_full_isolation_does_not_warn(config, caplog):
+    with caplog.at_level(logging.WARNING, logger="reward.sandbox"):
+        Sandbox(config).run("pass")
+    assert not [r for r in caplog.records if "WEAK SANDBOX" in r.getMessage()]
+
+
+def test_bad_allow_weak_isolation_is_rejected():
+    with pytest.raises(ValueError, match="allow_weak_isolation"):
+        SandboxConfig(allow_weak_isolation="yes")
 
 
 def test_require_missing_layer_raises(config):
     missing = [name for name, on in _report().layers().items() if not on]
     if not missing:
-        pytest.skip("every layer is active here")
+        pytest.skip("every sandbox layer is active here, so none can be required and missing")
     config.require = (missing[0],)
     with pytest.raises(RuntimeError, match=missing[0]):
         Sandbox(config)
@@ -232,7 +324,7 @@ def test_fork_bomb_is_contained(sandbox, config):
 
 def test_fork_bomb_hits_process_limit(sandbox, config):
     if not (_report().uid_drop or _report().user_namespace):
-        pytest.skip("RLIMIT_NPROC is not enforced for this user here")
+        pytest.skip("sandbox layers uid_drop and user_namespace inactive: RLIMIT_NPROC is not enforced here")
     program = (
         "import os, time\n"
         "n = 0\n"
@@ -277,8 +369,7 @@ def test_cpu_limit_ends_busy_program(config):
 
 
 def test_no_connection_to_local_server(sandbox):
-    if not _report().network_namespace:
-        pytest.skip("no network namespace here: " + _report().summary())
+    _needs("network_namespace")  # required by default: the sandbox fixture already fails without it
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -369,6 +460,114 @@ def test_printing_gigabytes_is_cut(sandbox, config, stream):
     assert result.duration_s < config.timeout_s
 
 
+def test_open_files_limit(config):
+    config.max_open_files = 32
+    program = (
+        "import os\n"
+        "fds = []\n"
+        "try:\n"
+        "    for _ in range(1000):\n"
+        "        fds.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "except OSError as e:\n"
+        "    print(len(fds), e.errno)\n"
+    )
+    result = Sandbox(config).run(program)
+    assert result.status is Status.PASSED, result
+    opened, err = map(int, result.stdout.split())
+    assert err == errno.EMFILE
+    assert 16 <= opened < config.max_open_files  # stdio and the interpreter's own descriptors count too
+
+
+def test_no_core_dumps(sandbox):
+    program = "import os, resource\nprint(resource.getrlimit(resource.RLIMIT_CORE), flush=True)\nos.abort()"
+    result = sandbox.run(program)
+    assert result.stdout == "(0, 0)\n"  # soft and hard: the program cannot raise it again
+    assert result.status is Status.KILLED and result.signal == "SIGABRT", result
+
+
+def test_private_tmpfs_is_size_capped(config):
+    _needs("mount_namespace")  # the capped tmpfs is part of the private mounts
+    config.tmpfs_mb, config.max_file_mb = 8, 4  # several files, so the file-size limit is not what stops it
+    program = (
+        "import errno, os\n"
+        "for where in ('.', '/tmp'):\n"
+        "    written, code = 0, None\n"
+        "    try:\n"
+        "        for i in range(100):\n"
+        "            with open(os.path.join(where, 'f%d' % i), 'wb') as f:\n"
+        "                for _ in range(2):\n"
+        "                    f.write(b'x' * (1 << 20))\n"
+        "                    f.flush()\n"
+        "                    written += 1\n"
+        "    except OSError as e:\n"
+        "        code = e.errno\n"
+        "    print(where, written, code)\n"
+    )
+    result = Sandbox(config).run(program)
+    assert result.status is Status.PASSED, result
+    for line in result.stdout.splitlines():
+        where, written, code = line.split()
+        assert int(code) == errno.ENOSPC, line
+        assert 4 <= int(written) <= config.tmpfs_mb, line  # MB that fit before the tmpfs was full
+
+
+def test_no_unix_socket_to_a_listener_on_the_host(sandbox):
+    """A path-bound socket is reachable from any network namespace, and a read-only mount does not stop
+    connect(): only the socket filter does. The socket lives in a folder the sandbox can see (not /tmp,
+    which is private there) and is writable by everyone, as D-Bus's system socket is."""
+    folder = tempfile.mkdtemp(prefix=".sandbox-sock-", dir=REPO)
+    os.chmod(folder, 0o755)
+    path = os.path.join(folder, "host.sock")
+    abstract = "\0sandbox-test-" + uuid.uuid4().hex
+    servers = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]
+    try:
+        servers[0].bind(path)
+        os.chmod(path, 0o777)
+        servers[1].bind(abstract)
+        for server in servers:
+            server.listen()
+            server.setblocking(False)
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(path)  # the listener works from here
+        probe.close()
+        servers[0].accept()[0].close()
+        program = (
+            "import os, socket\n"
+            f"print('reachable', os.path.exists({path!r}) and os.access({path!r}, os.W_OK))\n"
+            f"for address in ({path!r}, {abstract!r}):\n"
+            "    try:\n"
+            "        s = socket.socket(socket.AF_UNIX)\n"
+            "        s.connect(address)\n"
+            "        s.sendall(b'hi')\n"
+            "        print('connected', repr(address))\n"
+            "    except OSError as e:\n"
+            "        print('blocked', e.errno)\n"
+            "try:\n"
+            "    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+            f"    a.sendto(b'hi', {path!r})\n"
+            "    print('sent datagram')\n"
+            "except OSError as e:\n"
+            "    print('blocked', e.errno)\n"
+        )
+        result = sandbox.run(program)
+        accepted = []
+        for server in servers:
+            try:
+                accepted.append(server.accept())
+            except BlockingIOError:
+                pass
+    finally:
+        for server in servers:
+            server.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result.status is Status.PASSED, result
+    lines = result.stdout.splitlines()
+    if lines[0] != "reachable True":
+        pytest.skip(f"{REPO} is not visible and writable to the sandbox uid, so this test cannot tell")
+    assert lines[1:] == ["blocked 1"] * 3  # EPERM from the filter, for both addresses and the datagram
+    assert accepted == []
+
+
 def test_big_file_hits_file_size_limit(sandbox):
     result = sandbox.run("with open('big', 'wb') as f:\n    while True:\n        f.write(b'x' * 65536)")
     assert result.status is Status.FAILED
@@ -410,8 +609,7 @@ def test_killing_own_group_is_killed_not_error(sandbox):
 
 
 def test_background_process_does_not_outlive_run(sandbox):
-    if not _report().pid_namespace:
-        pytest.skip("no PID namespace here: a setsid daemon can escape the process group")
+    _needs("pid_namespace")  # without it a setsid daemon escapes the process group
     marker = str(900000 + uuid.uuid4().int % 99999)
     program = (
         "import os, subprocess, time\n"
@@ -456,8 +654,7 @@ def test_timed_out_run_leaves_no_zombie(sandbox, monkeypatch):
 
 
 def test_concurrent_runs_get_their_own_uid(sandbox):
-    if not _report().uid_drop:
-        pytest.skip("no uid drop without root")
+    _needs("uid_drop")  # root only
     results = sandbox.run_many(["import os, time\ntime.sleep(0.3)\nprint(os.getuid())"] * 2)
     uids = {int(r.stdout) for r in results}
     assert len(uids) == 2
@@ -469,8 +666,7 @@ def test_concurrent_runs_get_their_own_uid(sandbox):
 
 def test_fork_bomb_does_not_starve_a_concurrent_run(sandbox):
     # RLIMIT_NPROC counts per uid: with one shared uid the bomb would make this run's fork fail.
-    if not _report().uid_drop:
-        pytest.skip("one uid for every run without root: concurrent runs share the process budget")
+    _needs("uid_drop")  # without root every run has one uid, so concurrent runs share the process budget
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     spawner = "import subprocess, time\ntime.sleep(0.5)\nprint(subprocess.run(['echo', 'spawned'], capture_output=True, text=True).stdout)"
     bombed, spawned = sandbox.run_many([bomb, spawner])
