@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -220,10 +221,18 @@ def test_raising_component_is_none_and_counted(registry, caplog):
     registry("t_raises", Raises)
     registry("t_table", Table)
     reward = build_reward([RewardSpec("t_raises"), RewardSpec("t_table")], missing="zero")
-    out = _run(reward, s=[1.0, 0.5])
+    with caplog.at_level(logging.WARNING, logger="reward.compose"):
+        out = _run(reward, s=[1.0, 0.5])
     assert out.scores == [1.0, 0.5]
     assert out.details[0]["components"]["t_raises"] is None
     assert reward.stats() == {"none/t_raises": 2}
+    # Logged, not silent: the exception with its traceback once per call, the missing score once per reason.
+    raised = [r for r in caplog.records if r.getMessage() == "reward raises raised"]
+    assert (
+        len(raised) == 1 and raised[0].levelno == logging.ERROR and "RuntimeError: boom" in raised[0].exc_text
+    )
+    warned = [r for r in caplog.records if "could not judge an item" in r.getMessage()]
+    assert len(warned) == 1 and "t_raises" in warned[0].getMessage()
     strict = build_reward([RewardSpec("t_raises"), RewardSpec("t_table")])
     out = _run(strict, s=[1.0])
     assert out.scores == [None] and "t_raises: raises raised RuntimeError: boom" in out.reasons[0]

@@ -4,9 +4,11 @@ truncated from the left and never crash."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
+import torch
 
 from alignment.reward_model import main as rm_main
 from reward.base import RewardFunction, RewardOutput
@@ -88,25 +90,83 @@ def test_scorer_implements_the_reward_interface(trained_rm):
     assert one_by_one == pytest.approx(scorer.score(prompts, ["x y", "No."]), abs=1e-5)
 
 
+def direct_scores(trained_rm: str, conversations: list[list[dict]]) -> list[float]:
+    """The reward model's own verdict, without reward.model: its tokenizer's chat template, one plain
+    transformers forward pass per conversation, the head's output at the last token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(trained_rm, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for conv in conversations:
+            ids = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False).input_ids
+            out.append(model(torch.tensor([ids])).logits[0, -1].item())
+    return out
+
+
+# No system turn, so each template adds its own default (Qwen2: "You are a helpful assistant."; SmolLM2 its
+# own), and text beyond ASCII letters: accents, a multiplication sign, an emoji, runs of spaces, new lines.
+MIXED_PROMPTS = [
+    [{"role": "user", "content": "Tell me about the café by the river stone."}],
+    [{"role": "user", "content": "What is 7 × 6?  Answer   briefly."}],
+    [{"role": "user", "content": "Tell me about music 🎵 and paper."}],
+    [{"role": "user", "content": "Résumé:\n- green\n- silver"}],
+]
+MIXED_ANSWERS = [
+    "Sure! Here is a short note about the café: it is lovely.",
+    "7 × 6 = 42.  Sure!",
+    "No.",
+    "Sure! Here is a short note about green   and silver 🎉: it is lovely.",
+]
+
+
 def test_mismatched_policy_tokenizer_gives_the_same_scores(trained_rm):
-    """The policy speaks SmolLM2's tokenizer and template; the reward model is Qwen2's. Completions arrive as
-    the policy's decoded text and are re-rendered with the reward model's own template (TRL issue #1979)."""
+    """The policy speaks SmolLM2's tokenizer and template; the reward model is Qwen2's. The two templates
+    render these conversations differently, completions arrive as the policy's decoded text, and the scorer
+    still gives the reward model's own verdict on its own rendering (TRL issue #1979)."""
     from alignment.models import load_tokenizer
     from reward.model import RewardModelScorer
 
     policy_tok = load_tokenizer("smollm2-135m-instruct")
+    rm_tok = load_tokenizer(trained_rm)
+    convs = [[*p, {"role": "assistant", "content": a}] for p, a in zip(MIXED_PROMPTS, MIXED_ANSWERS)]
+    policy_text = [policy_tok.apply_chat_template(c, tokenize=False) for c in convs]
+    rm_text = [rm_tok.apply_chat_template(c, tokenize=False) for c in convs]
+    # The precondition: the templates disagree (Qwen2's default system prompt is in its rendering only).
+    assert all(p != r for p, r in zip(policy_text, rm_text))
+    assert all("You are a helpful assistant." in r and "You are a helpful assistant." not in p
+               for p, r in zip(policy_text, rm_text))  # fmt: skip
+
+    # What the policy hands over: its own token ids, decoded to text.
+    policy_ids = [policy_tok(a, add_special_tokens=False).input_ids for a in MIXED_ANSWERS]
+    decoded = [policy_tok.decode(t, skip_special_tokens=True) for t in policy_ids]
+    assert decoded == MIXED_ANSWERS  # byte-level BPE: the text survives the other tokenizer intact
+
     scorer = RewardModelScorer(trained_rm)
-    prompts = [[{"role": "user", "content": f"Tell me about {w}."}] for w in WORDS[:4]]
-    answers = [f"Sure! Here is a short note about {w}: it is lovely." for w in WORDS[:4]]
-    policy_tokens = [policy_tok(a, add_special_tokens=False).input_ids for a in answers]
-    decoded = [policy_tok.decode(t, skip_special_tokens=True) for t in policy_tokens]
-    assert scorer.score(prompts, decoded) == pytest.approx(scorer.score(prompts, answers), abs=1e-6)
-    # What the fix prevents: the policy's own rendering fed as text scores differently.
-    policy_rendered = [
-        policy_tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    expected = direct_scores(trained_rm, convs)
+    assert scorer.score(MIXED_PROMPTS, decoded) == pytest.approx(expected, abs=1e-4)
+    # The rendering decides the score: the policy's rendering read by the reward model gives other numbers,
+    # so agreeing with `expected` is not a coincidence of templates that happen to match.
+    policy_rendered = direct_rendered_scores(trained_rm, policy_text)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(policy_rendered, expected))
+    as_prompt_text = [
+        policy_tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in MIXED_PROMPTS
     ]
-    wrong = scorer.score(policy_rendered, answers)
-    assert wrong != pytest.approx(scorer.score(prompts, answers), abs=1e-3)
+    assert scorer.score(as_prompt_text, decoded) != pytest.approx(expected, abs=1e-3)
+
+
+def direct_rendered_scores(trained_rm: str, texts: list[str]) -> list[float]:
+    """The reward model's output on already-rendered text (as a scorer that trusted the policy would see it)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(trained_rm, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [
+            model(torch.tensor([tok(t, add_special_tokens=False).input_ids])).logits[0, -1].item()
+            for t in texts
+        ]
 
 
 def test_overlong_inputs_are_truncated_from_the_left_not_crashing(trained_rm):
@@ -119,12 +179,15 @@ def test_overlong_inputs_are_truncated_from_the_left_not_crashing(trained_rm):
     assert len(ids) == 32
     assert scorer.tokenizer.decode(ids).rstrip().endswith("<|im_end|>")  # the answer and its end survive
     (score,) = scorer.score([long_prompt], [answer])
-    assert score == score  # a number, not NaN
+    assert math.isfinite(score)  # a number: not NaN, not inf
 
 
 def test_reward_model_composes_with_verifiable_rewards(trained_rm):
-    """The recipe-level path: a spec list builds the reward model next to a verifiable reward."""
+    """The recipe-level path: a spec list builds the reward model next to a verifiable reward. Both answers
+    are right, so math cannot tell them apart: the reward model decides, and each total is exactly
+    0.5 x its score + 1.0 x math."""
     from reward import RewardSpec, build_reward
+    from reward.model import RewardModelScorer
 
     reward = build_reward(
         [
@@ -132,7 +195,16 @@ def test_reward_model_composes_with_verifiable_rewards(trained_rm):
             RewardSpec("math", weight=1.0),
         ]
     )
-    prompts = [[{"role": "user", "content": "What is 2 plus 2?"}]] * 2
-    out = reward(prompts, ["Sure! The answer is 4.", "No. The answer is 5."], answer=["4", "4"])
+    prompts = [[{"role": "user", "content": "What is 2 plus 2?"}]] * 3
+    completions = [
+        "Sure! Here is a short note about it: it is lovely. The answer is 4.",
+        "No. The answer is 4.",
+        "Sure! Here is a short note about it: it is lovely. The answer is 5.",
+    ]
+    out = reward(prompts, completions, answer=["4"] * 3)
     assert out.num_failed == 0
-    assert out.scores[0] > out.scores[1]
+    rm_scores = RewardModelScorer(trained_rm).score(prompts, completions)
+    assert rm_scores[0] > rm_scores[1] + 0.1  # the reward model prefers the polite answer
+    assert out.scores == pytest.approx([0.5 * s + m for s, m in zip(rm_scores, [1.0, 1.0, 0.0])], abs=1e-5)
+    assert out.scores[0] > out.scores[1]  # same math score: decided by the reward model
+    assert [d["components"]["math"] for d in out.details] == [1.0, 1.0, 0.0]

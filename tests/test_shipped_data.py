@@ -1,0 +1,193 @@
+"""The shipped datasets say what the README says, checked by an independent solver (not data_synthesis):
+
+- every SFT answer, every chosen answer and every prompt's gold is right; every rejected answer is wrong;
+- the worked steps of the demonstrations and chosen answers are true (``a + b = c``, the spelled-out word);
+- the SFT, preference and prompt files use disjoint prompts, and the held-out eval sets share no prompt and no
+  template with them;
+- the reward model's held-out pairs are disjoint from the pairs it trains on (seen through a real run).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, reset_accelerate
+
+DATA = REPO / "data"
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _word_problem(m: re.Match) -> str:
+    return str(int(m["a"]) + int(m["b"]) - int(m["c"]))
+
+
+def _arithmetic(m: re.Match) -> str:
+    a, b = int(m["a"]), int(m["b"])
+    return str({"plus": a + b, "minus": a - b, "times": a * b}[m["op"]])
+
+
+def _sort(m: re.Match) -> str:
+    nums = sorted((int(x) for x in m["nums"].split(",")), reverse=m["order"] == "descending")
+    return ", ".join(map(str, nums))
+
+
+# Each training template, written from reading the data, with what its answer is.
+SOLVERS = [
+    (r"(What is|Compute|Calculate|What do you get for) (?P<a>\d+) (?P<op>plus|minus|times) (?P<b>\d+)"
+     r"(\?|\.|\. Answer with the number\.)", _arithmetic),
+    (r"How many times does the letter '(?P<l>\w)' appear in the word '(?P<w>\w+)'\?",
+     lambda m: str(m["w"].count(m["l"]))),
+    (r"Count the letter '(?P<l>\w)' in '(?P<w>\w+)'\.", lambda m: str(m["w"].count(m["l"]))),
+    (r"Sort these numbers in (?P<order>ascending|descending) order: (?P<nums>\d+(, \d+)+)\.", _sort),
+    (r"(Write the word '(?P<w>\w+)' backwards|Reverse the letters of '(?P<w2>\w+)')\.",
+     lambda m: (m["w"] or m["w2"])[::-1]),
+    (r"(?P<name>[A-Z]\w+) has (?P<a>\d+) (?P<thing>\w+), gets (?P<b>\d+) more, then gives away (?P<c>\d+)\. "
+     r"How many (?P=thing) does (?P=name) have now\?", _word_problem),
+]  # fmt: skip
+
+
+def solve(prompt: str) -> str:
+    """The gold answer of a training prompt; fails on a prompt no template matches."""
+    found = [(p, f) for p, f in SOLVERS if re.fullmatch(p, prompt)]
+    assert len(found) == 1, f"{len(found)} templates match {prompt!r}"
+    pattern, answer = found[0]
+    return answer(re.fullmatch(pattern, prompt))
+
+
+def final_answer(text: str) -> str:
+    assert "The answer is " in text, text
+    return text.rsplit("The answer is ", 1)[1].strip().removesuffix(".")
+
+
+def check_worked_steps(prompt: str, answer: str) -> None:
+    """Every 'a op b = c' in a worked answer is true; a spelled-out word is the prompt's word."""
+    for a, op, b, c in re.findall(r"(\d+) ([-+×]) (\d+) = (\d+)", answer):
+        a, b, c = int(a), int(b), int(c)
+        assert {"+": a + b, "-": a - b, "×": a * b}[op] == c, (prompt, answer)
+    if m := re.search(r"Spelling it out: ([\w-]+)\.", answer):
+        assert m[1].replace("-", "") in prompt, (prompt, answer)
+
+
+def user_text(turns: list[dict]) -> str:
+    (user,) = [t["content"] for t in turns if t["role"] == "user"]
+    return user
+
+
+def test_solver_self_check():
+    # The independent solver itself, on hand-checked cases (one per template).
+    assert solve("What is 12 plus 30?") == "42"
+    assert solve("Calculate 9 times 96. Answer with the number.") == "864"
+    assert solve("Compute 649 minus 295.") == "354"
+    assert solve("How many times does the letter 'l' appear in the word 'balloon'?") == "2"
+    assert solve("Count the letter 'f' in 'giraffe'.") == "2"
+    assert solve("Sort these numbers in descending order: 3, 71, 12.") == "71, 12, 3"
+    assert solve("Reverse the letters of 'pizza'.") == "azzip"
+    assert (
+        solve("Dara has 23 marbles, gets 7 more, then gives away 6. How many marbles does Dara have now?")
+        == "24"
+    )
+    with pytest.raises(AssertionError):
+        solve("What is the capital of France?")
+
+
+def test_every_sft_answer_is_correct():
+    data = rows(DATA / "sft" / "train.jsonl")
+    assert len(data) == 400
+    for row in data:
+        msgs = row["messages"]
+        turns = [m for m in msgs if m["role"] != "system"]
+        gold = solve(turns[0]["content"])
+        assert turns[1]["role"] == "assistant" and final_answer(turns[1]["content"]) == gold, row
+        check_worked_steps(turns[0]["content"], turns[1]["content"])
+        if len(turns) > 2:  # the two-turn conversations: "Please repeat just the final answer."
+            assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"], row
+            assert turns[3]["content"] == gold, row
+
+
+def test_every_chosen_answer_is_correct_and_every_rejected_one_wrong():
+    data = rows(DATA / "preference" / "train.jsonl")
+    assert len(data) == 300
+    for row in data:
+        prompt = user_text(row["prompt"])
+        gold = solve(prompt)
+        assert row["answer"] == gold, row
+        ((chosen,), (rejected,)) = (row["chosen"], row["rejected"])
+        assert chosen["role"] == rejected["role"] == "assistant"
+        assert final_answer(chosen["content"]) == gold, row
+        assert final_answer(rejected["content"]) != gold, row
+        check_worked_steps(prompt, chosen["content"])
+
+
+def test_every_prompt_gold_is_right():
+    data = rows(DATA / "prompts" / "train.jsonl")
+    assert len(data) == 200
+    for row in data:
+        assert row["answer"] == solve(user_text(row["prompt"])), row
+
+
+def training_prompts() -> dict[str, set[str]]:
+    return {
+        "sft": {m["content"] for r in rows(DATA / "sft" / "train.jsonl") for m in r["messages"] if m["role"] == "user"}
+        - {"Please repeat just the final answer."},
+        "preference": {user_text(r["prompt"]) for r in rows(DATA / "preference" / "train.jsonl")},
+        "prompts": {user_text(r["prompt"]) for r in rows(DATA / "prompts" / "train.jsonl")},
+    }  # fmt: skip
+
+
+def test_training_files_use_disjoint_prompts():
+    files = training_prompts()
+    assert (len(files["sft"]), len(files["preference"]), len(files["prompts"])) == (400, 300, 200)
+    assert not files["sft"] & files["preference"]
+    assert not files["sft"] & files["prompts"]
+    assert not files["preference"] & files["prompts"]
+
+
+@pytest.mark.parametrize("name", ["math", "ifeval", "code"])
+def test_eval_sets_are_disjoint_from_training_and_use_other_templates(name):
+    seen = set().union(*training_prompts().values())
+    prompts = [user_text(r["prompt"]) for r in rows(DATA / "eval" / f"{name}.jsonl")]
+    assert prompts  # (data/eval/ifeval.jsonl repeats 7 of its 200 prompts: within the eval set, no leak)
+    assert not set(prompts) & seen
+    templated = [p for p in prompts if any(re.fullmatch(pattern, p) for pattern, _ in SOLVERS)]
+    assert templated == []  # not even a new instance of a training template
+
+
+def test_reward_model_held_out_pairs_are_disjoint_from_its_training_pairs(monkeypatch, tmp_path, tiny_qwen2):
+    """A real reward-model run on the shipped pairs (recipes/reward.yaml on tiny-qwen2, one epoch): every pair
+    the scorer trains on and every pair it is evaluated on is recorded by prompt; the two share none."""
+    import alignment.reward_model as rm
+
+    seen = {"train": set(), "eval": set()}
+    real = rm.pair_scores
+
+    def recording(scorer, pairs, device):
+        split = "train" if scorer.training else "eval"
+        for p in pairs:
+            labelled = [i for i, lab in enumerate(p.chosen.labels) if lab != -100]
+            seen[split].add(tuple(p.chosen.input_ids[: labelled[0] + 1]))  # the prompt's tokens
+        return real(scorer, pairs, device)
+
+    monkeypatch.setattr(rm, "pair_scores", recording)
+    reset_accelerate()
+    rm.main(
+        [
+            str(REPO / "recipes/reward.yaml"),
+            "model.name_or_path=tiny-qwen2",
+            "training.num_epochs=1",
+            "training.per_device_batch_size=27",  # 270 training pairs: one epoch is 10 steps and sees them all
+            "eval_steps=0",
+            "logging.report_to=[]",
+            "logging.progress_bar=false",
+            f"training.output_dir={tmp_path / 'rm'}",
+        ]
+    )
+    assert len(seen["eval"]) == 30  # eval_fraction 0.1 of the 300 shipped pairs
+    assert len(seen["train"]) == 270
+    assert not seen["train"] & seen["eval"]
