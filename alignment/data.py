@@ -228,6 +228,42 @@ def normalize_preference_row(row: Any, where: str) -> PreferenceExample:
     return PreferenceExample(prompt, chosen, rejected)
 
 
+@dataclass
+class PromptExample:
+    """A prompt for sampling (online DPO, evaluation): the conversation so far and the row's other columns."""
+
+    prompt: Messages
+    columns: dict[str, Any]
+
+
+def normalize_prompt_row(row: Any, where: str) -> PromptExample:
+    """``prompt`` (a string or turns ending with a user or system turn), or ``messages`` whose final assistant
+    turn, if any, is dropped; every other field (answer, tests, constraints, ...) is kept for the rewards."""
+    _require(row, where, "prompt")
+    if "prompt" in row:
+        prompt = _as_turns(row["prompt"], where, "prompt", "user")
+        rest = {k: v for k, v in row.items() if k != "prompt"}
+    elif "messages" in row:
+        prompt = _check_messages(row["messages"], where, "messages")
+        if prompt[-1]["role"] == "assistant":
+            prompt = prompt[:-1]
+        rest = {k: v for k, v in row.items() if k != "messages"}
+    else:
+        raise DataError(f"{where}: field 'prompt': missing (a prompt dataset needs 'prompt' or 'messages')")
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field 'prompt': must end with a user (or system) turn")
+    if isinstance(row.get("prompt"), str) and not row["prompt"].strip():
+        raise DataError(f"{where}: field 'prompt': empty")
+    return PromptExample(prompt, rest)
+
+
+def encode_prompt(tokenizer, prompt: Messages) -> list[int]:
+    """Token ids of the prompt with the assistant's generation header, exactly as the chat template renders
+    it: the engine gets ids, not text, so nothing adds a second BOS."""
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def load_examples(
     cfg: DataConfig, normalize: Callable[[Any, str], Any], report: DataReport, rank0: bool = True
 ) -> list[Any]:

@@ -1,0 +1,402 @@
+"""Sampling from a policy behind one small interface: online DPO, evaluation and data synthesis all use it.
+
+    generator = make_generator(GenerationConfig(), model_path, tokenizer)
+    answers = generator.generate(prompt_ids, n=8, sampling=SamplingConfig(temperature=0.8))
+    # answers[i][j]: the j-th of n answers to prompt i, a Completion(text, token_ids, finished)
+    generator.load_weights(model.state_dict().items())     # after an optimizer step, before sampling again
+
+Prompts go in as token ids, never as text: a template that renders its own BOS would get a second one from
+the engine's tokenizer (TRL issue: online DPO with text prompts). Answers come back as the sampled token ids,
+so training sees exactly the tokens that were sampled (no re-tokenization drift) and their text for rewards.
+
+Backends:
+- ``vllm``: vLLM in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Weights are pushed with
+  ``collective_rpc("reload_weights", weights_iterator=...)`` and the prefix cache is reset (writing into the
+  vLLM model directly fails on vLLM's CPU build). The engine is seeded once; per-request seeds crash the CPU
+  build with many requests.
+- ``vllm_server``: a separate ``vllm serve`` (other GPUs or another host), started with
+  ``VLLM_SERVER_DEV_MODE=1``. Sampling goes through its OpenAI-compatible ``/v1/completions`` with token-id
+  prompts and ``return_token_ids``; a push writes the weights as safetensors into ``weights_dir`` (a path the
+  server can read: the same machine or a shared file system), then calls ``/collective_rpc`` with
+  ``reload_weights(weights_path=...)`` and ``/reset_prefix_cache``.
+- ``transformers``: ``model.generate`` on a private copy of the policy; the fallback when vLLM is absent.
+
+``sequence_logprobs`` gives the engine's own log-probabilities of given answers, so a caller can check that
+the engine samples from the weights it was last given (online DPO logs the difference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # 0: no top-k filtering.
+    top_k: int = 0
+    max_new_tokens: int = 256
+    # Extra stop strings; the model's end-of-turn token always stops.
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"sampling.max_new_tokens must be positive, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationConfig:
+    # auto: vllm when it imports, else transformers (said once in the log).
+    backend: Literal["auto", "vllm", "vllm_server", "transformers"] = "auto"
+    # Engine precision; auto: the policy's dtype.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Longest prompt + answer the engine holds.
+    max_model_len: int = 2048
+    # vLLM's KV cache: GiB on CPU (VLLM_CPU_KVCACHE_SPACE), a share of GPU memory on CUDA.
+    kv_cache_gib: float = 2.0
+    gpu_memory_utilization: float = 0.3
+    seed: int = 0
+    # vllm_server: the server's base URL (e.g. http://127.0.0.1:8000) and a folder it can read weights from.
+    server_url: str | None = None
+    weights_dir: str | None = None
+    # vllm_server: seconds to wait for one request.
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.backend == "vllm_server" and not (self.server_url and self.weights_dir):
+            raise ValueError(
+                "generation.backend: vllm_server needs generation.server_url and generation.weights_dir"
+            )
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # as sampled, the end-of-turn token included when the answer reached it
+    finished: bool  # stopped by the end-of-turn token or a stop string, not cut at max_new_tokens
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig
+    ) -> list[list[Completion]]: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def sequence_logprobs(self, prompt_ids: list[int], answer_ids: list[int]) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is as absent as a missing one
+        return False
+    return True
+
+
+def make_generator(
+    cfg: GenerationConfig, model_path: str, tokenizer, policy_dtype: str = "float32"
+) -> Generator:
+    """The backend the config names; ``auto`` falls back to transformers when vLLM does not import."""
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "transformers"
+        if backend == "transformers":
+            print(
+                "[generation] vLLM is not installed: sampling with transformers generate (slower)", flush=True
+            )
+    dtype = policy_dtype if cfg.dtype == "auto" else cfg.dtype
+    if backend == "vllm":
+        return VLLMGenerator(cfg, model_path, tokenizer, dtype)
+    if backend == "vllm_server":
+        return VLLMServerGenerator(cfg, tokenizer)
+    return TransformersGenerator(cfg, model_path, tokenizer, dtype)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# vLLM in this process
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VLLMGenerator:
+    name = "vllm"
+
+    def __init__(self, cfg: GenerationConfig, model_path: str, tokenizer, dtype: str):
+        # Must be set before vLLM starts its engine: the engine runs in this process, so weights can be pushed.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gib))))
+        from vllm import LLM
+
+        threads = torch.get_num_threads()
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=True,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_prefix_caching=True,
+        )
+        # vLLM's CPU build lowers torch's threads for serving; training between samplings wants them all.
+        self.engine_threads, self.train_threads = torch.get_num_threads(), threads
+        torch.set_num_threads(self.train_threads)
+        self.tokenizer = tokenizer
+        self.stop_ids = _stop_ids(tokenizer)
+
+    def _params(self, n: int, s: SamplingConfig, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            max_tokens=s.max_new_tokens,
+            stop=list(s.stop) or None,
+            stop_token_ids=self.stop_ids,
+            **extra,
+        )
+
+    def _run(self, prompts, params):
+        from vllm.inputs import TokensPrompt
+
+        torch.set_num_threads(self.engine_threads)
+        try:
+            return self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+            )
+        finally:
+            torch.set_num_threads(self.train_threads)
+
+    def generate(self, prompt_ids, n, sampling):
+        outs = self._run(prompt_ids, self._params(n, sampling))
+        return [
+            [Completion(o.text, list(o.token_ids), o.finish_reason == "stop") for o in out.outputs]
+            for out in outs
+        ]
+
+    def load_weights(self, named_tensors):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        self.llm.reset_prefix_cache()
+
+    def sequence_logprobs(self, prompt_ids, answer_ids):
+        seq = list(prompt_ids) + list(answer_ids)
+        out = self._run(
+            [seq], self._params(1, SamplingConfig(temperature=0.0, max_new_tokens=1), prompt_logprobs=0)
+        )
+        lp = out[0].prompt_logprobs
+        return [lp[t][seq[t]].logprob for t in range(len(prompt_ids), len(seq))]
+
+    def close(self) -> None:
+        del self.llm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A separate `vllm serve`
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VLLMServerGenerator:
+    """Talks to ``VLLM_SERVER_DEV_MODE=1 vllm serve MODEL ...``; see the module docstring for the push."""
+
+    name = "vllm_server"
+
+    def __init__(self, cfg: GenerationConfig, tokenizer):
+        self.url = cfg.server_url.rstrip("/")
+        self.weights_dir = Path(cfg.weights_dir)
+        self.timeout = cfg.request_timeout_s
+        self.tokenizer = tokenizer
+        self.stop_ids = _stop_ids(tokenizer)
+        models = self._request("GET", "/v1/models")
+        self.model = models["data"][0]["id"]
+        self.version = 0
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(
+                f"vllm server {self.url}{path}: HTTP {e.code}: {e.read().decode()[:500]}"
+            ) from None
+        except urllib.error.URLError as e:
+            raise RuntimeError(f"vllm server {self.url}{path}: unreachable ({e.reason})") from None
+        return json.loads(text) if text.strip() else {}
+
+    def _completions(self, prompt: list[int], n: int, s: SamplingConfig, **extra) -> dict:
+        body = {
+            "model": self.model,
+            "prompt": list(prompt),
+            "n": n,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k if s.top_k > 0 else -1,
+            "max_tokens": s.max_new_tokens,
+            "stop": list(s.stop) or None,
+            "stop_token_ids": self.stop_ids,
+            "skip_special_tokens": True,
+            "return_token_ids": True,
+            **extra,
+        }
+        return self._request("POST", "/v1/completions", body)
+
+    def generate(self, prompt_ids, n, sampling):
+        from concurrent.futures import ThreadPoolExecutor
+
+        # One request per prompt, sent together: the server batches them.
+        with ThreadPoolExecutor(max_workers=min(32, max(1, len(prompt_ids)))) as pool:
+            replies = list(pool.map(lambda p: self._completions(p, n, sampling), prompt_ids))
+        out = []
+        for reply in replies:
+            choices = sorted(reply["choices"], key=lambda c: c["index"])
+            out.append(
+                [Completion(c["text"], list(c["token_ids"]), c["finish_reason"] == "stop") for c in choices]
+            )
+        return out
+
+    def load_weights(self, named_tensors):
+        from safetensors.torch import save_file
+
+        # A fresh folder per push: the server never reads a half-written file.
+        self.version += 1
+        folder = self.weights_dir / f"push-{self.version:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in named_tensors}
+        save_file(tensors, str(folder / "model.safetensors"))
+        self._request(
+            "POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
+        )
+        self._request("POST", "/reset_prefix_cache")
+        old = self.weights_dir / f"push-{self.version - 1:06d}"
+        if old.is_dir():
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+    def sequence_logprobs(self, prompt_ids, answer_ids):
+        seq = list(prompt_ids) + list(answer_ids)
+        reply = self._completions(
+            seq, 1, SamplingConfig(temperature=0.0, max_new_tokens=1), prompt_logprobs=0
+        )
+        lp = reply["choices"][0].get("prompt_logprobs") or reply.get("prompt_logprobs")
+        return [_entry_logprob(lp[t], seq[t]) for t in range(len(prompt_ids), len(seq))]
+
+    def close(self) -> None:
+        pass
+
+
+def _entry_logprob(entry: dict, token: int) -> float:
+    value = entry[str(token)] if str(token) in entry else entry[token]
+    return value["logprob"] if isinstance(value, dict) else float(value)
+
+
+def wait_for_server(url: str, timeout_s: float = 600.0, proc=None) -> None:
+    """Block until ``url``/health answers (a just-started ``vllm serve`` loads for a while)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"vllm server exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1.0)
+    raise TimeoutError(f"vllm server at {url} not ready after {timeout_s:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transformers generate: the fallback
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TransformersGenerator:
+    name = "transformers"
+
+    def __init__(self, cfg: GenerationConfig, model_path: str, tokenizer, dtype: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        self.tokenizer = tokenizer
+        self.stop_ids = _stop_ids(tokenizer)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, n, sampling):
+        out = []
+        for prompt in prompt_ids:  # one prompt at a time: no padding inside a prompt's n answers
+            ids = torch.tensor([list(prompt)] * n)
+            greedy = sampling.temperature == 0
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+            gen = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=not greedy,
+                temperature=sampling.temperature if not greedy else None,
+                top_p=sampling.top_p if not greedy else None,
+                top_k=sampling.top_k if sampling.top_k > 0 and not greedy else None,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad,
+                stop_strings=list(sampling.stop) or None,
+                tokenizer=self.tokenizer if sampling.stop else None,
+            )[:, ids.shape[1] :]
+            answers = []
+            for row in gen.tolist():
+                cut = next((k + 1 for k, t in enumerate(row) if t in self.stop_ids), None)
+                tokens = row[:cut] if cut else row
+                finished = cut is not None
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if sampling.stop and not finished:
+                    hit = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+                    if hit >= 0:
+                        text, finished = text[:hit], True
+                answers.append(Completion(text, tokens, finished))
+            out.append(answers)
+        return out
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors):
+        self.model.load_state_dict(dict(named_tensors), strict=False)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, prompt_ids, answer_ids):
+        seq = torch.tensor([list(prompt_ids) + list(answer_ids)])
+        logp = self.model(seq).logits[0].float().log_softmax(-1)
+        p = len(prompt_ids)
+        return [logp[t - 1, seq[0, t]].item() for t in range(p, seq.shape[1])]
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,498 @@
+"""Online DPO: Qwen2's online RLHF stage. Sample N answers per prompt from the current policy, let the rewards
+pick the best and the worst, train on these pairs with DPO and the online merging optimizer, push the new
+weights into the live sampler, repeat.
+
+    accelerate launch alignment/online_dpo.py recipes/online_dpo.yaml [key=value ...]   (or: make online-dpo)
+
+Tiny CPU smoke run:
+
+    python alignment/online_dpo.py recipes/online_dpo.yaml model.name_or_path=tiny-qwen2 \
+        optimizer.base=tiny-qwen2 'rewards=[{name: math}]' training.max_steps=2 eval.at_start=false \
+        eval.at_end=false logging.report_to=[] training.output_dir=outputs/smoke-online
+
+One step (the loop below, in this order):
+1. a batch of ``prompts_per_step`` prompts from a seeded order over epochs (resuming continues it exactly);
+2. ``num_samples`` answers per prompt from the sampler (alignment/generation.py: vLLM in this process by
+   default), prompts sent as token ids;
+3. scores from the composed reward of the recipe's ``rewards`` (reward/compose.py);
+4. one pair per prompt, best vs worst (alignment/pair_selection.py); ties, unscored and identical answers
+   are dropped and counted;
+5. the DPO loss of the offline stage on these pairs (alignment/preference.py), against the start model,
+   the LoRA base, or the previous step's policy;
+6. an optimizer step (OnDARE by default: alignment/merging.py);
+7. the new weights pushed into the sampler, so the next step samples from them.
+
+Deliberate simplifications: one pair per prompt; generation and training take turns on the same devices (no
+overlap); with several processes each samples its own share of prompts with its own engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from accelerate.utils import gather_object, set_seed
+
+from alignment.config import (
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainingConfig,
+    parse_cli,
+    run_cli,
+    to_dict,
+)
+from alignment.data import DataReport, PairSequences, encode_prompt, load_examples, normalize_prompt_row
+from alignment.evaluation import (
+    answer_sequence,
+    answer_sequences,
+    general_text_nll,
+    kl_to_reference,
+    load_prompts,
+    math_accuracy,
+    mean_reward,
+)
+from alignment.generation import GenerationConfig, SamplingConfig, make_generator
+from alignment.logprobs import TokenLogProbs
+from alignment.models import load_causal_lm, load_tokenizer, resolve_model
+from alignment.pair_selection import DROP_REASONS, PairSelectionConfig, select_pair
+from alignment.preference import (
+    LossConfig,
+    ReferenceConfig,
+    add_sums,
+    build_reference,
+    preference_step,
+    reduce_metrics,
+)
+from alignment.tracking import make_tracker
+from alignment.training import (
+    build_optimizer,
+    build_scheduler,
+    checkpoint_if_due,
+    finish,
+    make_accelerator,
+    plan_batches,
+    print0,
+    progress_bar,
+    resume_step,
+)
+from reward.compose import RewardSpec, build_reward, make_reward
+
+# Reward attributes that name a column the reward cannot judge without.
+REQUIRED_COLUMN_ATTRS = ("answer_column", "constraints_column", "tests_column", "verifiers_column")
+
+
+@dataclass
+class OnlineEvalConfig:
+    """Held-out evaluation before and after training (and every ``every`` steps): never trained on."""
+
+    # Held-out prompts with gold answers (greedy math accuracy, mean reward of fresh samples). null: off.
+    prompts: str | None = "data/eval/math.jsonl"
+    max_prompts: int = 200
+    at_start: bool = True
+    at_end: bool = True
+    every: int = 0
+    max_new_tokens: int = 256
+    # Fresh samples per prompt (at the training sampling settings) scored by the composed reward.
+    reward_samples: int = 1
+    # Alignment tax: token NLL on held-out general text (pydoc topics), chunks x 256 tokens (0: off).
+    general_text_chunks: int = 16
+
+
+@dataclass
+class OnlineDPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("math")])
+    # A reward component that cannot judge an answer: none (the answer is unscored), zero, or renormalize
+    # (the other components decide, scaled to the same total weight).
+    reward_missing: Literal["none", "zero", "renormalize"] = "renormalize"
+    pairs: PairSelectionConfig = field(default_factory=PairSelectionConfig)
+    # Prompts per optimizer step (all processes together) and answers sampled per prompt.
+    prompts_per_step: int = 8
+    num_samples: int = 8
+    # Compare the sampler's log-probs of a fixed answer with the policy's every N steps (0: never).
+    sync_check_steps: int = 10
+    eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 to form a pair, got {self.num_samples}")
+        if self.prompts_per_step <= 0:
+            raise ValueError(f"prompts_per_step must be positive, got {self.prompts_per_step}")
+        if self.reference.mode == "precomputed":
+            raise ValueError(
+                "reference.mode: precomputed needs fixed pairs; online DPO uses auto, model, previous"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks that run before any model loads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_rewards(specs: list[RewardSpec], columns: set[str], where: str) -> None:
+    """Unknown reward names, bad params and columns a reward needs but the data lacks: errors, now."""
+    for i, spec in enumerate(specs):
+        key = f"rewards[{i}] ({spec.name})"
+        if spec.name == "reward_model":
+            if "name_or_path" not in spec.params:
+                raise ConfigError(f"{where}: {key}.params.name_or_path: required (e.g. outputs/reward)")
+            continue  # a model: built after the checks
+        try:
+            reward = make_reward(spec.name, **spec.params)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {key}: {e}") from None
+        for attr in REQUIRED_COLUMN_ATTRS:
+            col = getattr(reward, attr, None)
+            if col is not None and col not in columns:
+                raise ConfigError(
+                    f"{where}: {key}: needs the column {col!r}, which the prompt data lacks "
+                    f"(columns: {sorted(columns)}); add it or set params.{attr}"
+                )
+
+
+def check_lengths(cfg: OnlineDPOConfig, prompt_ids: list[list[int]], where: str) -> None:
+    longest = max(len(p) for p in prompt_ids)
+    need = longest + cfg.sampling.max_new_tokens
+    for key, limit in (
+        ("generation.max_model_len", cfg.generation.max_model_len),
+        ("data.max_length", cfg.data.max_length),
+    ):
+        if need > limit:
+            raise ConfigError(
+                f"{where}: sampling.max_new_tokens: {cfg.sampling.max_new_tokens} new tokens after the longest "
+                f"prompt ({longest} tokens) need {need} > {key} ({limit}); lower max_new_tokens or raise {key}"
+            )
+
+
+def push_state(policy, accelerator) -> dict[str, torch.Tensor]:
+    """The policy's weights under the plain HF names the sampler knows; LoRA adapters merged into a copy."""
+    model = accelerator.unwrap_model(policy).model
+    if not hasattr(model, "merge_and_unload"):
+        return model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    deltas = {
+        name.removeprefix("base_model.model.") + ".weight": m.get_delta_weight(m.active_adapters[0])
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer) and m.active_adapters
+    }
+    for name, t in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        state[name] = t + deltas[name].to(t.dtype) if name in deltas else t
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation on held-out prompts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator) -> dict[str, float]:
+    """Greedy math accuracy, mean reward of fresh samples, KL to the start model, NLL on general text."""
+    ec = cfg.eval
+    out: dict[str, float] = {}
+    if ec.prompts:
+        examples = load_prompts(ec.prompts, ec.max_prompts)
+        if all("answer" in ex.columns for ex in examples):
+            out["eval/math_accuracy"], _ = math_accuracy(generator, tokenizer, examples, ec.max_new_tokens)
+        if ec.reward_samples:
+            sampling = replace(cfg.sampling, max_new_tokens=ec.max_new_tokens)
+            out["eval/mean_reward"], answers = mean_reward(
+                generator, tokenizer, examples, reward, sampling, ec.reward_samples
+            )
+            if reference.mode == "model":  # the frozen start model
+                seqs = answer_sequences(tokenizer, examples, answers)
+                out["eval/kl_to_start"] = kl_to_reference(
+                    accelerator.unwrap_model(policy), reference.frozen, seqs
+                )
+    if ec.general_text_chunks:
+        out["eval/general_text_nll"] = general_text_nll(
+            accelerator.unwrap_model(policy), tokenizer, ec.general_text_chunks
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg: OnlineDPOConfig = parse_cli(OnlineDPOConfig, sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    where = args[0] if args and "=" not in args[0] else "command line"
+    tc = cfg.training
+    accelerator = make_accelerator(tc)
+    set_seed(tc.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.prompts_per_step % world:
+        raise ConfigError(
+            f"{where}: prompts_per_step ({cfg.prompts_per_step}) must divide among {world} processes"
+        )
+
+    # Data and rewards first: a bad row, an unknown reward or a missing column fails before any model loads.
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    report = DataReport()
+    prompts = load_examples(cfg.data, normalize_prompt_row, report, rank0=accelerator.is_main_process)
+    prompt_ids = [encode_prompt(tokenizer, ex.prompt) for ex in prompts]
+    columns = set.intersection(*(set(ex.columns) for ex in prompts))
+    check_rewards(cfg.rewards, columns, where)
+    check_lengths(cfg, prompt_ids, where)
+    for line in report.lines():
+        print0(accelerator, f"[data] {line}")
+    # The prompt order: seeded permutations per epoch, cut into steps of prompts_per_step, a slice per process.
+    plan = plan_batches(
+        len(prompts), replace(tc, per_device_batch_size=cfg.prompts_per_step // world, gradient_accumulation_steps=1),
+        world, cfg.data.seed,
+    )  # fmt: skip
+    print0(accelerator, f"[data] {len(prompts)} prompts, {len(plan)} steps of {cfg.prompts_per_step} prompts")
+    tracker = make_tracker(cfg.logging, tc.output_dir, to_dict(cfg), accelerator.is_main_process)
+
+    model = load_causal_lm(cfg.model, cfg.data.max_length)
+    reference = build_reference(cfg.reference, cfg.loss, cfg.model, cfg.data.max_length, tc, accelerator)
+    reward = build_reward(cfg.rewards, missing=cfg.reward_missing)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
+    policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    start = resume_step(accelerator, tc)
+
+    # The sampler starts from the start model's files; a resumed run pushes the resumed weights into it.
+    generator = make_generator(
+        cfg.generation, resolve_model(cfg.model.name_or_path), tokenizer, cfg.model.dtype
+    )
+    print0(accelerator, f"[generation] backend {generator.name}")
+    if start:
+        generator.load_weights(push_state(policy, accelerator).items())
+        reference.refresh(policy, accelerator)
+    probe = answer_sequence(prompt_ids[0], tokenizer("The answer is 42.", add_special_tokens=False).input_ids)
+
+    summary: dict[str, float] = {}
+    if cfg.eval.at_start and start == 0:
+        summary |= {
+            f"{k}/start": v
+            for k, v in evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator).items()
+        }
+        tracker.log({k.removesuffix("/start"): v for k, v in summary.items()}, 0)
+        print0(accelerator, f"[eval] start: {summary}")
+
+    rng = random.Random(tc.seed * 7919 + rank)
+    skipped = 0
+    bar = progress_bar(accelerator, len(plan), start, cfg.logging.progress_bar)
+    for step in range(start, len(plan)):
+        t_step = time.perf_counter()
+        metrics: dict[str, float] = {}
+        rng.seed(tc.seed * 7919 + rank * 1_000_003 + step)  # the same choices when a step is redone on resume
+
+        # 0. The sampler must hold the policy's weights: compare log-probs of a fixed answer now and then.
+        if cfg.sync_check_steps and (step == start or (step + 1) % cfg.sync_check_steps == 0):
+            engine = torch.tensor(
+                generator.sequence_logprobs(
+                    probe.input_ids[: len(prompt_ids[0])], probe.input_ids[len(prompt_ids[0]) :]
+                )
+            )
+            with torch.no_grad():
+                mine = accelerator.unwrap_model(policy)(*_one(probe, accelerator.device))
+            metrics["sampling/logp_difference"] = float(
+                (engine - mine.double().cpu().to(engine.dtype)).abs().max()
+            )
+
+        # 1-2. This process's prompts, N answers each.
+        idxs = plan.micro_batches(step, rank, world, 1)[0]
+        t0 = time.perf_counter()
+        answers = generator.generate([prompt_ids[i] for i in idxs], cfg.num_samples, cfg.sampling)
+        t_gen = time.perf_counter() - t0
+        flat = [(i, a) for i, group in zip(idxs, answers) for a in group]
+        new_tokens = sum(len(a.token_ids) for _, a in flat)
+
+        # 3. Scores.
+        t0 = time.perf_counter()
+        cols = {k: [prompts[i].columns.get(k) for i, _ in flat] for k in columns}
+        scored = reward([prompts[i].prompt for i, _ in flat], [a.text for _, a in flat], **cols)
+        t_score = time.perf_counter() - t0
+        scores = [scored.scores[k : k + cfg.num_samples] for k in range(0, len(flat), cfg.num_samples)]
+
+        # 4. One pair per prompt, or a counted reason for none.
+        pairs, drops, margins, log_rows = [], dict.fromkeys(DROP_REASONS, 0), [], []
+        for i, group, s in zip(idxs, answers, scores):
+            sel = select_pair(
+                s,
+                [a.text for a in group],
+                [len(a.token_ids) for a in group],
+                [a.finished for a in group],
+                cfg.pairs,
+                rng,
+            )
+            if sel.ok:
+                pairs.append(PairSequences(
+                    answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
+                    answer_sequence(prompt_ids[i], group[sel.rejected].token_ids),
+                ))  # fmt: skip
+                margins.append(sel.margin)
+            else:
+                drops[sel.reason] += 1
+            log_rows.append({"prompt": i, "answers": [a.text for a in group], "scores": s,
+                             "chosen": sel.chosen, "rejected": sel.rejected, "dropped": sel.reason})  # fmt: skip
+
+        # 5-6. DPO on the pairs of every process: the loss is a mean over all of them.
+        t0 = time.perf_counter()
+        G = int(accelerator.reduce(torch.tensor(len(pairs), device=accelerator.device), reduction="sum"))
+        if G == 0:
+            skipped += 1  # no prompt gave a pair: nothing to learn from this step
+        else:
+            policy.train()
+            sums = None
+            bs = tc.per_device_batch_size
+            # Every process runs the same number of micro-batches (DDP syncs on the last); a process short of
+            # pairs runs a zero-weight one.
+            n_micro = int(
+                accelerator.reduce(
+                    torch.tensor(-(-len(pairs) // bs), device=accelerator.device), reduction="max"
+                )
+            )
+            for k in range(n_micro):
+                mb = pairs[k * bs : (k + 1) * bs]
+                sync = contextlib.nullcontext() if k == n_micro - 1 else accelerator.no_sync(policy)
+                with sync, accelerator.autocast():
+                    if mb:
+                        sums = add_sums(
+                            sums, preference_step(policy, reference, mb, None, cfg.loss, accelerator, G)
+                        )
+                    else:
+                        accelerator.backward(policy(*_one(probe, accelerator.device)).sum() * 0.0)
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
+            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            zeros = {
+                k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in _PREF_METRICS
+            }
+            metrics |= reduce_metrics(accelerator, sums or zeros, G)
+            metrics["grad_norm"] = float(grad_norm)
+            if (
+                cfg.loss.name != "simpo"
+            ):  # implicit rewards are beta x log-ratio: their mean over both answers
+                metrics["objective/kl"] = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / (
+                    2 * cfg.loss.beta
+                )
+        t_train = time.perf_counter() - t0
+
+        # 7. The next step samples from the new weights.
+        t0 = time.perf_counter()
+        if G:
+            generator.load_weights(push_state(policy, accelerator).items())
+            reference.refresh(policy, accelerator)
+        t_push = time.perf_counter() - t0
+
+        # Metrics of every process together.
+        valid = [x for x in scored.scores if x is not None]
+        per_prompt = [[x for x in s if x is not None] for s in scores]
+        local = {
+            "score_sum": sum(valid), "score_n": len(valid),
+            "max_sum": sum(max(p) for p in per_prompt if p), "min_sum": sum(min(p) for p in per_prompt if p),
+            "prompts_scored": sum(1 for p in per_prompt if p), "margin_sum": sum(margins), "pairs": len(pairs),
+            "prompts": len(idxs), "answers": len(flat), "tokens": new_tokens,
+            "clipped": sum(not a.finished for _, a in flat), **{f"drop_{r}": n for r, n in drops.items()},
+            **{f"component/{lab}": sum(v for v in vs if v is not None) for lab, vs in _components(scored).items()},
+            **{f"component_n/{lab}": sum(v is not None for v in vs) for lab, vs in _components(scored).items()},
+        }  # fmt: skip
+        total = _sum_dicts(gather_object([local]))
+        metrics |= {
+            "objective/scores": total["score_sum"] / max(1, total["score_n"]),
+            "objective/scores_max": total["max_sum"] / max(1, total["prompts_scored"]),
+            "objective/scores_min": total["min_sum"] / max(1, total["prompts_scored"]),
+            "objective/scores_margin": total["margin_sum"] / max(1, total["pairs"]),
+            "online/pair_fraction": total["pairs"] / total["prompts"],
+            "online/dropped_ties": total["drop_tie"] + total["drop_small_margin"],
+            "online/dropped_unscored": total["drop_unscored"],
+            "online/dropped_identical": total["drop_identical"],
+            "online/skipped_steps": skipped,
+            "completions/mean_length": total["tokens"] / max(1, total["answers"]),
+            "completions/clipped_ratio": total["clipped"] / max(1, total["answers"]),
+            "time/generation": t_gen, "time/scoring": t_score, "time/training": t_train, "time/weight_push": t_push,
+            "sampling/tokens_per_second": new_tokens / max(t_gen, 1e-9),
+            **{f"objective/scores/{k.split('/', 1)[1]}": v / max(1, total[f"component_n/{k.split('/', 1)[1]}"])
+               for k, v in total.items() if k.startswith("component/")},
+            **{f"reward/{k}": v for k, v in reward.stats().items()},
+        }  # fmt: skip
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < len(plan):
+            metrics |= evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)
+        metrics["time/step"] = time.perf_counter() - t_step
+        if (step + 1) % tc.logging_steps == 0 or step == len(plan) - 1:
+            tracker.log(metrics, step + 1)
+        _log_samples(accelerator, tc.output_dir, step + 1, gather_object(log_rows))
+        bar.set_postfix(
+            score=f"{metrics['objective/scores']:.3f}",
+            pairs=f"{total['pairs']}",
+            loss=f"{metrics.get('loss', float('nan')):.4f}",
+        )
+        bar.update(1)
+        checkpoint_if_due(
+            accelerator, tc, step + 1, len(plan), {"objective/scores": metrics["objective/scores"]}
+        )
+    bar.close()
+
+    if cfg.eval.at_end:
+        end = evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)
+        tracker.log(end, len(plan))
+        summary |= {f"{k}/end": v for k, v in end.items()}
+        print0(accelerator, f"[eval] end: {end}")
+    generator.close()
+    finish(
+        accelerator, policy, tokenizer, cfg, tracker, {"steps": len(plan), "prompts": len(prompts), **summary}
+    )
+
+
+_PREF_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+def _one(seq, device):
+    """A single sequence as (input_ids, position_ids, labels) tensors of shape (1, T)."""
+    n = len(seq.input_ids)
+    return tuple(
+        t.to(device)
+        for t in (torch.tensor([seq.input_ids]), torch.arange(n)[None], torch.tensor([seq.labels]))
+    )
+
+
+def _components(scored) -> dict[str, list]:
+    labels = {lab for d in scored.details for lab in d.get("components", {})}
+    return {lab: [d.get("components", {}).get(lab) for d in scored.details] for lab in sorted(labels)}
+
+
+def _sum_dicts(parts: list[dict]) -> dict:
+    out: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _log_samples(accelerator, output_dir: str, step: int, rows: list[dict]) -> None:
+    """Every prompt's answers, scores and the chosen pair, one line per step: samples.jsonl."""
+    if accelerator.is_main_process:
+        with open(f"{output_dir}/samples.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    run_cli(main)

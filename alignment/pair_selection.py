@@ -1,0 +1,92 @@
+"""Turn N scored answers to one prompt into one preference pair, or into a counted reason for having none.
+
+Per prompt, with scores s_j from the composed reward (None: the reward could not judge answer j):
+
+    adjusted_j = s_j - length_penalty * tokens_j - unfinished_penalty * [answer j has no end-of-turn token]
+
+(the length penalty is RLHFlow's max_min_p: reward minus coef x length). Then
+
+    best_worst   chosen = argmax_j adjusted_j,  rejected = argmin_j adjusted_j     (Qwen2's online DPO)
+    best_random  chosen = argmax_j adjusted_j,  rejected = a random other answer
+
+among the answers that were scored, where the rejected answer's text must differ from the chosen one's
+(byte-identical answers never form a pair). The pair is dropped, with its reason counted, when fewer than two
+answers were scored, when every scored answer is the same text, or when chosen and rejected differ by less than
+``min_margin`` or not at all (ties never become pairs: TRL's online DPO keeps them and calls the first one
+chosen). Ties for the best go to the earliest answer, so the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+DROP_REASONS = ("unscored", "identical", "tie", "small_margin")
+
+
+@dataclass
+class PairSelectionConfig:
+    strategy: Literal["best_worst", "best_random"] = "best_worst"
+    # Drop a prompt whose chosen and rejected adjusted scores differ by less than this (ties always dropped).
+    min_margin: float = 0.0
+    # Subtract coef x answer tokens from each score (0: off).
+    length_penalty: float = 0.0
+    # Subtract this from the score of an answer cut at max_new_tokens (no end-of-turn token; 0: off).
+    unfinished_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_margin < 0 or self.length_penalty < 0 or self.unfinished_penalty < 0:
+            raise ValueError("pairs.min_margin, length_penalty and unfinished_penalty must be >= 0")
+
+
+@dataclass
+class Selection:
+    """The chosen and rejected answer indices, or None and the reason (one of DROP_REASONS)."""
+
+    chosen: int | None
+    rejected: int | None
+    reason: str | None = None
+    margin: float = 0.0  # adjusted chosen - adjusted rejected
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def adjusted_scores(
+    scores: list[float | None], lengths: list[int], finished: list[bool], cfg: PairSelectionConfig
+) -> list[float | None]:
+    return [
+        None if s is None else s - cfg.length_penalty * n - (cfg.unfinished_penalty if not done else 0.0)
+        for s, n, done in zip(scores, lengths, finished)
+    ]
+
+
+def select_pair(
+    scores: list[float | None],
+    texts: list[str],
+    lengths: list[int],
+    finished: list[bool],
+    cfg: PairSelectionConfig,
+    rng: random.Random,
+) -> Selection:
+    """One prompt's N answers -> Selection. ``rng`` is used by best_random only."""
+    adj = adjusted_scores(scores, lengths, finished, cfg)
+    scored = [j for j, a in enumerate(adj) if a is not None]
+    if len(scored) < 2:
+        return Selection(None, None, "unscored")
+    best = max(scored, key=lambda j: (adj[j], -j))  # the earliest of equal bests
+    others = [j for j in scored if texts[j] != texts[best]]
+    if not others:
+        return Selection(None, None, "identical")
+    if cfg.strategy == "best_worst":
+        worst = min(others, key=lambda j: (adj[j], j))
+    else:
+        worst = rng.choice(others)
+    margin = adj[best] - adj[worst]
+    if margin <= 0:
+        return Selection(None, None, "tie", margin)
+    if margin < cfg.min_margin:
+        return Selection(None, None, "small_margin", margin)
+    return Selection(best, worst, None, margin)

@@ -1,0 +1,111 @@
+"""The generation interface: vLLM in this process (the CPU build here) and transformers, behind one API.
+
+Tolerances for "the engine samples from the weights it was given" (max abs difference of per-token log-probs of
+a fixed answer between the engine and the policy): 1e-4 in float32 (seen: about 1e-6), 0.25 in bfloat16 (seen:
+below 0.1; bf16 keeps 8 bits of mantissa and the two stacks use different kernels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment.data import encode_prompt
+from alignment.evaluation import answer_sequence
+from alignment.generation import GenerationConfig, SamplingConfig, TransformersGenerator, make_generator
+from alignment.logprobs import TokenLogProbs
+
+PROMPT = [{"role": "user", "content": "What is 12 plus 30?"}]
+
+
+def policy_logps(model, prompt_ids, answer_ids):
+    seq = answer_sequence(prompt_ids, answer_ids)
+    with torch.no_grad():
+        lp = TokenLogProbs(model)(
+            torch.tensor([seq.input_ids]), torch.arange(len(seq.input_ids))[None], torch.tensor([seq.labels])
+        )
+    return lp.double()
+
+
+def perturb(model, seed, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def check_sync(generator, model, tokenizer, tol):
+    prompt_ids = encode_prompt(tokenizer, PROMPT)
+    answer = generator.generate([prompt_ids], 2, SamplingConfig(temperature=1.0, max_new_tokens=12))[0]
+    assert len(answer) == 2 and all(1 <= len(a.token_ids) <= 12 for a in answer)
+    ids = answer[0].token_ids
+    before = torch.tensor(generator.sequence_logprobs(prompt_ids, ids), dtype=torch.float64)
+    assert (before - policy_logps(model, prompt_ids, ids)).abs().max() < tol  # same weights at the start
+    perturb(model, 0)
+    stale = torch.tensor(generator.sequence_logprobs(prompt_ids, ids), dtype=torch.float64)
+    assert (stale - policy_logps(model, prompt_ids, ids)).abs().max() > 4 * tol  # the check can fail
+    generator.load_weights(model.state_dict().items())
+    after = torch.tensor(generator.sequence_logprobs(prompt_ids, ids), dtype=torch.float64)
+    diff = (after - policy_logps(model, prompt_ids, ids)).abs().max().item()
+    assert diff < tol, diff
+    return diff
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.25)])
+def test_vllm_engine_follows_pushed_weights(tiny_qwen2, qwen_tokenizer, dtype, tol):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=getattr(torch, dtype))
+    generator = make_generator(
+        GenerationConfig(backend="vllm", max_model_len=256, kv_cache_gib=1), tiny_qwen2, qwen_tokenizer, dtype
+    )
+    try:
+        assert generator.name == "vllm"
+        check_sync(generator, model, qwen_tokenizer, tol)
+    finally:
+        generator.close()
+
+
+def test_transformers_fallback_follows_pushed_weights(tiny_qwen2, qwen_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    generator = TransformersGenerator(
+        GenerationConfig(backend="transformers"), tiny_qwen2, qwen_tokenizer, "float32"
+    )
+    check_sync(generator, model, qwen_tokenizer, 1e-4)
+
+
+def test_auto_falls_back_to_transformers_without_vllm(monkeypatch, tiny_qwen2, qwen_tokenizer, capsys):
+    import alignment.generation as G
+
+    monkeypatch.setattr(G, "vllm_available", lambda: False)
+    generator = G.make_generator(GenerationConfig(), tiny_qwen2, qwen_tokenizer)
+    assert generator.name == "transformers"
+    assert "vLLM is not installed" in capsys.readouterr().out
+
+
+def test_prompts_go_in_as_ids_without_a_second_bos(qwen_tokenizer):
+    from alignment.models import load_tokenizer, resolve_model
+
+    ids = encode_prompt(qwen_tokenizer, PROMPT)
+    text = qwen_tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert qwen_tokenizer.decode(ids) == text and text.endswith("<|im_start|>assistant\n")
+    smol = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    sids = encode_prompt(smol, PROMPT)
+    bos = smol.bos_token_id
+    assert sids.count(bos) <= 1 and smol.decode(sids) == smol.apply_chat_template(
+        PROMPT, tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_greedy_transformers_answers_are_deterministic_and_marked_finished_or_clipped(
+    tiny_qwen2, qwen_tokenizer
+):
+    generator = TransformersGenerator(GenerationConfig(), tiny_qwen2, qwen_tokenizer, "float32")
+    ids = encode_prompt(qwen_tokenizer, PROMPT)
+    a = generator.generate([ids], 2, SamplingConfig(temperature=0.0, max_new_tokens=6))[0]
+    assert a[0].token_ids == a[1].token_ids
+    assert all(c.finished == (c.token_ids[-1] in generator.stop_ids) for c in a)
+    assert all(len(c.token_ids) == 6 for c in a if not c.finished)

@@ -1,0 +1,80 @@
+"""Pair selection by hand-made score tables: ties, margins, None scores, identical answers, penalties."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from alignment.pair_selection import PairSelectionConfig, adjusted_scores, select_pair
+
+TEXTS = ["a", "b", "c", "d"]
+LENS = [10, 10, 10, 10]
+DONE = [True, True, True, True]
+
+
+def pick(scores, texts=TEXTS, lens=LENS, done=DONE, seed=0, **cfg):
+    return select_pair(scores, texts, lens, done, PairSelectionConfig(**cfg), random.Random(seed))
+
+
+def test_best_and_worst_by_score():
+    sel = pick([0.2, 0.9, -0.5, 0.1])
+    assert (sel.chosen, sel.rejected, sel.reason) == (1, 2, None)
+    assert sel.margin == pytest.approx(1.4)
+
+
+def test_all_tied_is_dropped_as_tie_never_a_pair():
+    sel = pick([0.5, 0.5, 0.5, 0.5])
+    assert not sel.ok and sel.reason == "tie" and sel.chosen is None
+
+
+def test_equal_bests_go_to_the_earliest_and_worst_to_the_earliest_lowest():
+    sel = pick([1.0, 0.0, 1.0, 0.0])
+    assert (sel.chosen, sel.rejected) == (0, 1)
+
+
+def test_min_margin_drops_close_pairs_and_keeps_wide_ones():
+    assert pick([0.30, 0.25, 0.28, 0.26], min_margin=0.1).reason == "small_margin"
+    assert pick([0.30, 0.15, 0.28, 0.26], min_margin=0.1).ok
+
+
+def test_none_scores_are_left_out_and_too_few_scored_drops():
+    sel = pick([None, 0.2, None, 0.8])
+    assert (sel.chosen, sel.rejected) == (3, 1)
+    assert pick([None, None, 0.3, None]).reason == "unscored"
+    assert pick([None, None, None, None]).reason == "unscored"
+
+
+def test_byte_identical_answers_never_form_a_pair():
+    # The worst-scored answer is the same text as the best: the next distinct answer is the rejected one.
+    sel = pick([0.9, 0.5, 0.7, 0.9], texts=["x", "y", "z", "x"])
+    assert (sel.chosen, sel.rejected) == (0, 1)
+    assert pick([0.9, 0.1, 0.3, 0.5], texts=["same"] * 4).reason == "identical"
+
+
+def test_length_penalty_is_reward_minus_coef_times_tokens():
+    # Raw: answer 0 best (1.0), answer 1 worst (0.6). With 0.01 per token the long answer 0 falls below.
+    lens = [100, 10, 20, 30]
+    assert adjusted_scores(
+        [1.0, 0.6, 0.8, 0.9], lens, DONE, PairSelectionConfig(length_penalty=0.01)
+    ) == pytest.approx([0.0, 0.5, 0.6, 0.6])
+    sel = pick([1.0, 0.6, 0.8, 0.9], lens=lens, length_penalty=0.01)
+    assert (sel.chosen, sel.rejected) == (2, 0)
+
+
+def test_unfinished_answers_are_penalised():
+    sel = pick([1.0, 0.2, 0.5, 0.4], done=[False, True, True, True], unfinished_penalty=1.0)
+    assert (sel.chosen, sel.rejected) == (2, 0)
+
+
+def test_best_random_takes_a_distinct_other_answer_seeded():
+    picks = {pick([0.9, 0.1, 0.3, 0.5], strategy="best_random", seed=s).rejected for s in range(40)}
+    assert picks == {1, 2, 3}
+    a = pick([0.9, 0.1, 0.3, 0.5], strategy="best_random", seed=7)
+    b = pick([0.9, 0.1, 0.3, 0.5], strategy="best_random", seed=7)
+    assert (a.chosen, a.rejected) == (b.chosen, b.rejected) and a.chosen == 0
+
+
+def test_negative_settings_are_refused():
+    with pytest.raises(ValueError, match="min_margin"):
+        PairSelectionConfig(min_margin=-1)
