@@ -7,7 +7,7 @@ ACCELERATE := $(BIN)/accelerate launch
 # Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
 ARGS ?=
 
-.PHONY: help install install-gpu data sft dpo reward test test-fast test-slow lint format bench lock clean
+.PHONY: help install install-gpu data sft dpo reward online-dpo test test-fast test-slow lint format bench lock clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -44,6 +44,15 @@ dpo: outputs/sft/model.safetensors  ## offline DPO from the SFT output (runs SFT
 
 reward:  ## Bradley-Terry reward model -> outputs/reward
 	$(ACCELERATE) alignment/reward_model.py recipes/reward.yaml $(ARGS)
+
+outputs/dpo/model.safetensors:
+	$(MAKE) dpo
+
+outputs/reward/model.safetensors:
+	$(MAKE) reward
+
+online-dpo: outputs/dpo/model.safetensors outputs/reward/model.safetensors  ## online DPO with vLLM from outputs/dpo, judged by outputs/reward -> outputs/online_dpo
+	$(ACCELERATE) alignment/online_dpo.py recipes/online_dpo.yaml $(ARGS)
 
 test:  ## every test (CI runs this through .ci/run)
 	$(PY) -m pytest -q
