@@ -155,7 +155,6 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gib))))
         from vllm import LLM
 
-        threads = torch.get_num_threads()
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -165,9 +164,8 @@ class VLLMGenerator:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_prefix_caching=True,
         )
-        # vLLM's CPU build lowers torch's threads for serving; training between samplings wants them all.
-        self.engine_threads, self.train_threads = torch.get_num_threads(), threads
-        torch.set_num_threads(self.train_threads)
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its threads: the
+        # engine and the training steps between samplings share the thread count this process started with.
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(tokenizer)
 
@@ -188,13 +186,9 @@ class VLLMGenerator:
     def _run(self, prompts, params):
         from vllm.inputs import TokensPrompt
 
-        torch.set_num_threads(self.engine_threads)
-        try:
-            return self.llm.generate(
-                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
-            )
-        finally:
-            torch.set_num_threads(self.train_threads)
+        return self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
 
     def generate(self, prompt_ids, n, sampling):
         outs = self._run(prompt_ids, self._params(n, sampling))

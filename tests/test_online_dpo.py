@@ -196,3 +196,39 @@ def test_resume_after_sigkill_continues_prompts_optimizer_and_engine(tmp_path):
     m = read_metrics(out)
     resumed = [x for x in m if x["step"] == 3 and "sampling/logp_difference" in x]
     assert resumed and resumed[-1]["sampling/logp_difference"] < 1e-3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_steps_against_a_separate_vllm_server(tmp_path, tiny_qwen2):
+    """`vllm serve` in its own process on 127.0.0.1; weights pushed through a folder and /collective_rpc."""
+    from alignment.generation import wait_for_server
+
+    port = _free_port()
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [str(os.path.join(os.path.dirname(sys.executable), "vllm")), "serve", tiny_qwen2, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout_s=300, proc=server)
+        out = run(tmp_path, "server", "training.max_steps=2", "generation.backend=vllm_server",
+                  f"generation.server_url=http://127.0.0.1:{port}", f"generation.weights_dir={tmp_path / 'push'}",
+                  "eval.at_start=false", "eval.at_end=false")  # fmt: skip
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    m = [x for x in read_metrics(out) if "loss" in x]
+    assert len(m) == 2 and m[0]["online/pair_fraction"] > 0
+    # Step 2's sync check ran after step 1's push: the server samples from the trained weights.
+    assert m[1]["sampling/logp_difference"] < 1e-3 and m[1]["time/weight_push"] > 0
+    assert m[1]["logps/chosen"] != m[0]["logps/chosen"]

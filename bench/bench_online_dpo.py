@@ -1,0 +1,149 @@
+"""Online DPO: seconds per optimizer step and answers scored per second, ours against TRL's experimental
+``OnlineDPOTrainer``, same model, prompts, reward model, generation length and answers per step, one run.
+
+    python bench/bench_online_dpo.py                 # outputs/dpo (else SmolLM2) judged by outputs/reward
+    python bench/bench_online_dpo.py --model tiny-qwen2 --reward-model tiny-qwen2 --steps 3
+
+TRL samples exactly 2 answers per prompt, so at equal answers per step it gets num_samples / 2 times our
+prompts per step (ours: --prompts prompts x --samples answers). Its vLLM colocate mode fails on vLLM's CPU
+build (it writes weights into the vLLM model directly), so TRL runs with transformers ``generate``; ours runs
+with vLLM in process, our default. Both use AdamW at the same learning rate and beta, sigmoid DPO, the start
+model as reference, and the same Bradley-Terry reward model. Each trainer runs in its own subprocess; the
+first step is warm-up and not timed; medians over the rest. Report ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+def run_ours(args) -> dict:
+    from alignment.online_dpo import main
+
+    out = Path(tempfile.mkdtemp(prefix="bench-online-ours-"))
+    main([
+        str(REPO / "recipes/online_dpo.yaml"), f"model.name_or_path={args.model}", "optimizer.name=adamw",
+        f"optimizer.lr={args.lr}", f"loss.beta={args.beta}", "scheduler.name=constant",
+        f"rewards=[{{name: reward_model, params: {{name_or_path: {args.reward_model}}}}}]",
+        f"prompts_per_step={args.prompts}", f"num_samples={args.samples}", f"sampling.max_new_tokens={args.max_new_tokens}",
+        "sampling.temperature=0.9", f"training.max_steps={args.steps}", f"training.per_device_batch_size={args.prompts}",
+        "training.save_steps=0", "eval.at_start=false", "eval.at_end=false", "sync_check_steps=0",
+        "logging.report_to=[]", "logging.progress_bar=false", f"training.output_dir={out}",
+    ])  # fmt: skip
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")][1:]  # the first step warms up
+    med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+    step = med("time/step")
+    return {
+        "s_per_step": step,
+        "answers_per_s": args.prompts * args.samples / step,
+        "breakdown_s": {k: med(f"time/{k}") for k in ("generation", "scoring", "training", "weight_push")},
+        "sampling_tokens_per_s": med("sampling/tokens_per_second"),
+        "mean_length": med("completions/mean_length"),
+    }
+
+
+def run_trl(args) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from alignment.models import resolve_model
+
+    path = resolve_model(args.model)
+    rows = [json.loads(x) for x in open(REPO / "data/prompts/train.jsonl")]
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+    prompts = args.prompts * args.samples // 2  # two answers per prompt: the same answers per step as ours
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    out = tempfile.mkdtemp(prefix="bench-online-trl-")
+    cfg = OnlineDPOConfig(
+        output_dir=out, per_device_train_batch_size=prompts, max_steps=args.steps, learning_rate=args.lr,
+        beta=[args.beta], max_new_tokens=args.max_new_tokens, temperature=0.9, use_vllm=False,
+        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, lr_scheduler_type="constant",
+        disable_tqdm=True, bf16=False,
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(path)
+    rm = resolve_model(args.reward_model)
+    trainer = OnlineDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=rm, args=cfg, train_dataset=ds,
+        processing_class=tok, reward_processing_classes=AutoTokenizer.from_pretrained(rm), callbacks=[Timer()],
+    )  # fmt: skip
+    trainer.train()
+    step = statistics.median(times[1:])
+    return {"s_per_step": step, "answers_per_s": prompts * 2 / step, "prompts_per_step": prompts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--model",
+        default="outputs/dpo"
+        if (REPO / "outputs/dpo/model.safetensors").is_file()
+        else "smollm2-135m-instruct",
+    )
+    ap.add_argument("--reward-model", default="outputs/reward")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--which", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(REPO / "bench/results/online_dpo.json"))
+    args = ap.parse_args()
+    if args.which:  # a subprocess: run one trainer, print its result
+        result = run_ours(args) if args.which == "ours" else run_trl(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    results = {}
+    for which in ("ours", "trl"):
+        cmd = [sys.executable, __file__, "--which", which, *sys.argv[1:]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or not line:
+            sys.exit(f"{which} failed:\n{proc.stderr[-4000:]}")
+        results[which] = json.loads(line[7:]) | {"wall_s": time.perf_counter() - t0}
+        print(which, json.dumps(results[which]), flush=True)
+    ratio = results["trl"]["s_per_step"] / results["ours"]["s_per_step"]
+    report = {
+        "model": args.model, "reward_model": args.reward_model, "answers_per_step": args.prompts * args.samples,
+        "max_new_tokens": args.max_new_tokens, "cpu": _cpu(), "ours": results["ours"], "trl": results["trl"],
+        "speedup_s_per_step": ratio,
+        "speedup_answers_per_s": results["ours"]["answers_per_s"] / results["trl"]["answers_per_s"],
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(
+        f"ours {results['ours']['s_per_step']:.1f} s/step, TRL {results['trl']['s_per_step']:.1f} s/step: {ratio:.2f}x"
+    )
+
+
+def _cpu() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
