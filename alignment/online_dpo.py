@@ -104,6 +104,8 @@ class OnlineEvalConfig:
     max_new_tokens: int = 256
     # Fresh samples per prompt (at the training sampling settings) scored by the composed reward.
     reward_samples: int = 1
+    # KL to the start model over the fresh samples of the first N prompts (two full forwards per answer).
+    kl_prompts: int = 48
     # Alignment tax: token NLL on held-out general text (pydoc topics), chunks x 256 tokens (0: off).
     general_text_chunks: int = 16
 
@@ -223,7 +225,8 @@ def evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator) 
                 generator, tokenizer, examples, reward, sampling, ec.reward_samples
             )
             if reference.mode == "model":  # the frozen start model
-                seqs = answer_sequences(tokenizer, examples, answers)
+                n = ec.kl_prompts
+                seqs = answer_sequences(tokenizer, examples[:n], answers[:n])
                 out["eval/kl_to_start"] = kl_to_reference(
                     accelerator.unwrap_model(policy), reference.frozen, seqs
                 )
