@@ -109,7 +109,9 @@ def general_text(tokenizer, chunks: int, chunk_tokens: int) -> list[Sequence]:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
-    text = text[-chunks * chunk_tokens * 12 :]  # plenty of characters for the tokens wanted (about 4 per token)
+    text = text[
+        -chunks * chunk_tokens * 12 :
+    ]  # plenty of characters for the tokens wanted (about 4 per token)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     ids = ids[-chunks * chunk_tokens :]
     seqs = []

@@ -237,6 +237,110 @@ def evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator) 
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The parts of one step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def logp_difference(generator, policy, probe, accelerator) -> float:
+    """Largest |engine - policy| log-prob of the answer tokens of the probe (prompt ids, answer ids): zero up
+    to kernel rounding when the engine holds the policy's weights, large when it samples from stale ones."""
+    engine = torch.tensor(generator.sequence_logprobs(*probe), dtype=torch.float64)
+    with torch.no_grad():
+        mine = (
+            accelerator.unwrap_model(policy)(*_one(answer_sequence(*probe), accelerator.device))
+            .double()
+            .cpu()
+        )
+    return float((engine - mine).abs().max())
+
+
+def pick_pairs(idxs, answers, scores, prompt_ids, cfg: PairSelectionConfig, rng):
+    """-> (pairs, drop counts by reason, margins of the kept pairs, one log row per prompt)."""
+    pairs, drops, margins, rows = [], dict.fromkeys(DROP_REASONS, 0), [], []
+    for i, group, s in zip(idxs, answers, scores):
+        texts, lengths = [a.text for a in group], [len(a.token_ids) for a in group]
+        sel = select_pair(s, texts, lengths, [a.finished for a in group], cfg, rng)
+        if sel.ok:
+            pairs.append(PairSequences(
+                answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
+                answer_sequence(prompt_ids[i], group[sel.rejected].token_ids),
+            ))  # fmt: skip
+            margins.append(sel.margin)
+        else:
+            drops[sel.reason] += 1
+        rows.append({"prompt": i, "answers": texts, "scores": s, "chosen": sel.chosen,
+                     "rejected": sel.rejected, "dropped": sel.reason})  # fmt: skip
+    return pairs, drops, margins, rows
+
+
+def dpo_update(
+    cfg, policy, reference, optimizer, scheduler, pairs, G, probe, accelerator
+) -> dict[str, float]:
+    """One optimizer step on this process's pairs; the loss is a mean over the G pairs of every process."""
+    policy.train()
+    sums = None
+    bs = cfg.training.per_device_batch_size
+    # Every process runs the same number of micro-batches (DDP syncs on the last); one short of pairs runs a
+    # zero-weight micro-batch.
+    mine = torch.tensor(-(-len(pairs) // bs), device=accelerator.device)
+    n_micro = int(accelerator.reduce(mine, reduction="max"))
+    for k in range(n_micro):
+        mb = pairs[k * bs : (k + 1) * bs]
+        sync = contextlib.nullcontext() if k == n_micro - 1 else accelerator.no_sync(policy)
+        with sync, accelerator.autocast():
+            if mb:
+                sums = add_sums(sums, preference_step(policy, reference, mb, None, cfg.loss, accelerator, G))
+            else:
+                accelerator.backward(policy(*_one(answer_sequence(*probe), accelerator.device)).sum() * 0.0)
+    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.training.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    zeros = {k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in _PREF_METRICS}
+    metrics = reduce_metrics(accelerator, sums or zeros, G) | {
+        "learning_rate": lr,
+        "grad_norm": float(grad_norm),
+    }
+    if cfg.loss.name != "simpo":  # implicit rewards are beta x log-ratio: the mean log-ratio of both answers
+        metrics["objective/kl"] = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / (
+            2 * cfg.loss.beta
+        )
+    return metrics
+
+
+def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator) -> dict[str, float]:
+    """Scores, pairs and answer statistics of every process together."""
+    valid = [x for x in scored.scores if x is not None]
+    per_prompt = [[x for x in s if x is not None] for s in scores]
+    components = _components(scored)
+    local = {
+        "score_sum": sum(valid), "score_n": len(valid),
+        "max_sum": sum(max(p) for p in per_prompt if p), "min_sum": sum(min(p) for p in per_prompt if p),
+        "prompts_scored": sum(1 for p in per_prompt if p), "margin_sum": sum(margins), "pairs": len(pairs),
+        "prompts": len(idxs), "answers": len(flat), "tokens": sum(len(a.token_ids) for _, a in flat),
+        "clipped": sum(not a.finished for _, a in flat), **{f"drop_{r}": n for r, n in drops.items()},
+        **{f"component/{lab}": sum(v for v in vs if v is not None) for lab, vs in components.items()},
+        **{f"component_n/{lab}": sum(v is not None for v in vs) for lab, vs in components.items()},
+    }  # fmt: skip
+    total = _sum_dicts(gather_object([local]))
+    return {
+        "objective/scores": total["score_sum"] / max(1, total["score_n"]),
+        "objective/scores_max": total["max_sum"] / max(1, total["prompts_scored"]),
+        "objective/scores_min": total["min_sum"] / max(1, total["prompts_scored"]),
+        "objective/scores_margin": total["margin_sum"] / max(1, total["pairs"]),
+        "online/pair_fraction": total["pairs"] / total["prompts"],
+        "online/dropped_ties": total["drop_tie"] + total["drop_small_margin"],
+        "online/dropped_unscored": total["drop_unscored"],
+        "online/dropped_identical": total["drop_identical"],
+        "completions/mean_length": total["tokens"] / max(1, total["answers"]),
+        "completions/clipped_ratio": total["clipped"] / max(1, total["answers"]),
+        **{f"objective/scores/{k.split('/', 1)[1]}": v / max(1, total[f"component_n/{k.split('/', 1)[1]}"])
+           for k, v in total.items() if k.startswith("component/")},
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg: OnlineDPOConfig = parse_cli(OnlineDPOConfig, sys.argv[1:] if argv is None else argv)
     args = sys.argv[1:] if argv is None else argv
@@ -285,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     if start:
         generator.load_weights(push_state(policy, accelerator).items())
         reference.refresh(policy, accelerator)
-    probe = answer_sequence(prompt_ids[0], tokenizer("The answer is 42.", add_special_tokens=False).input_ids)
+    # A fixed answer whose log-probs the engine and the policy must agree on (the sync check).
+    probe = (prompt_ids[0], tokenizer("The answer is 42.", add_special_tokens=False).input_ids)
 
     summary: dict[str, float] = {}
     if cfg.eval.at_start and start == 0:
@@ -306,16 +411,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # 0. The sampler must hold the policy's weights: compare log-probs of a fixed answer now and then.
         if cfg.sync_check_steps and (step == start or (step + 1) % cfg.sync_check_steps == 0):
-            engine = torch.tensor(
-                generator.sequence_logprobs(
-                    probe.input_ids[: len(prompt_ids[0])], probe.input_ids[len(prompt_ids[0]) :]
-                )
-            )
-            with torch.no_grad():
-                mine = accelerator.unwrap_model(policy)(*_one(probe, accelerator.device))
-            metrics["sampling/logp_difference"] = float(
-                (engine - mine.double().cpu().to(engine.dtype)).abs().max()
-            )
+            metrics["sampling/logp_difference"] = logp_difference(generator, policy, probe, accelerator)
 
         # 1-2. This process's prompts, N answers each.
         idxs = plan.micro_batches(step, rank, world, 1)[0]
@@ -333,69 +429,15 @@ def main(argv: list[str] | None = None) -> None:
         scores = [scored.scores[k : k + cfg.num_samples] for k in range(0, len(flat), cfg.num_samples)]
 
         # 4. One pair per prompt, or a counted reason for none.
-        pairs, drops, margins, log_rows = [], dict.fromkeys(DROP_REASONS, 0), [], []
-        for i, group, s in zip(idxs, answers, scores):
-            sel = select_pair(
-                s,
-                [a.text for a in group],
-                [len(a.token_ids) for a in group],
-                [a.finished for a in group],
-                cfg.pairs,
-                rng,
-            )
-            if sel.ok:
-                pairs.append(PairSequences(
-                    answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
-                    answer_sequence(prompt_ids[i], group[sel.rejected].token_ids),
-                ))  # fmt: skip
-                margins.append(sel.margin)
-            else:
-                drops[sel.reason] += 1
-            log_rows.append({"prompt": i, "answers": [a.text for a in group], "scores": s,
-                             "chosen": sel.chosen, "rejected": sel.rejected, "dropped": sel.reason})  # fmt: skip
+        pairs, drops, margins, log_rows = pick_pairs(idxs, answers, scores, prompt_ids, cfg.pairs, rng)
 
         # 5-6. DPO on the pairs of every process: the loss is a mean over all of them.
         t0 = time.perf_counter()
         G = int(accelerator.reduce(torch.tensor(len(pairs), device=accelerator.device), reduction="sum"))
         if G == 0:
-            skipped += 1  # no prompt gave a pair: nothing to learn from this step
+            skipped += 1  # no prompt of any process gave a pair: nothing to learn from this step
         else:
-            policy.train()
-            sums = None
-            bs = tc.per_device_batch_size
-            # Every process runs the same number of micro-batches (DDP syncs on the last); a process short of
-            # pairs runs a zero-weight one.
-            n_micro = int(
-                accelerator.reduce(
-                    torch.tensor(-(-len(pairs) // bs), device=accelerator.device), reduction="max"
-                )
-            )
-            for k in range(n_micro):
-                mb = pairs[k * bs : (k + 1) * bs]
-                sync = contextlib.nullcontext() if k == n_micro - 1 else accelerator.no_sync(policy)
-                with sync, accelerator.autocast():
-                    if mb:
-                        sums = add_sums(
-                            sums, preference_step(policy, reference, mb, None, cfg.loss, accelerator, G)
-                        )
-                    else:
-                        accelerator.backward(policy(*_one(probe, accelerator.device)).sum() * 0.0)
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
-            metrics["learning_rate"] = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            zeros = {
-                k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in _PREF_METRICS
-            }
-            metrics |= reduce_metrics(accelerator, sums or zeros, G)
-            metrics["grad_norm"] = float(grad_norm)
-            if (
-                cfg.loss.name != "simpo"
-            ):  # implicit rewards are beta x log-ratio: their mean over both answers
-                metrics["objective/kl"] = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / (
-                    2 * cfg.loss.beta
-                )
+            metrics |= dpo_update(cfg, policy, reference, optimizer, scheduler, pairs, G, probe, accelerator)
         t_train = time.perf_counter() - t0
 
         # 7. The next step samples from the new weights.
@@ -405,37 +447,10 @@ def main(argv: list[str] | None = None) -> None:
             reference.refresh(policy, accelerator)
         t_push = time.perf_counter() - t0
 
-        # Metrics of every process together.
-        valid = [x for x in scored.scores if x is not None]
-        per_prompt = [[x for x in s if x is not None] for s in scores]
-        local = {
-            "score_sum": sum(valid), "score_n": len(valid),
-            "max_sum": sum(max(p) for p in per_prompt if p), "min_sum": sum(min(p) for p in per_prompt if p),
-            "prompts_scored": sum(1 for p in per_prompt if p), "margin_sum": sum(margins), "pairs": len(pairs),
-            "prompts": len(idxs), "answers": len(flat), "tokens": new_tokens,
-            "clipped": sum(not a.finished for _, a in flat), **{f"drop_{r}": n for r, n in drops.items()},
-            **{f"component/{lab}": sum(v for v in vs if v is not None) for lab, vs in _components(scored).items()},
-            **{f"component_n/{lab}": sum(v is not None for v in vs) for lab, vs in _components(scored).items()},
-        }  # fmt: skip
-        total = _sum_dicts(gather_object([local]))
-        metrics |= {
-            "objective/scores": total["score_sum"] / max(1, total["score_n"]),
-            "objective/scores_max": total["max_sum"] / max(1, total["prompts_scored"]),
-            "objective/scores_min": total["min_sum"] / max(1, total["prompts_scored"]),
-            "objective/scores_margin": total["margin_sum"] / max(1, total["pairs"]),
-            "online/pair_fraction": total["pairs"] / total["prompts"],
-            "online/dropped_ties": total["drop_tie"] + total["drop_small_margin"],
-            "online/dropped_unscored": total["drop_unscored"],
-            "online/dropped_identical": total["drop_identical"],
-            "online/skipped_steps": skipped,
-            "completions/mean_length": total["tokens"] / max(1, total["answers"]),
-            "completions/clipped_ratio": total["clipped"] / max(1, total["answers"]),
-            "time/generation": t_gen, "time/scoring": t_score, "time/training": t_train, "time/weight_push": t_push,
-            "sampling/tokens_per_second": new_tokens / max(t_gen, 1e-9),
-            **{f"objective/scores/{k.split('/', 1)[1]}": v / max(1, total[f"component_n/{k.split('/', 1)[1]}"])
-               for k, v in total.items() if k.startswith("component/")},
-            **{f"reward/{k}": v for k, v in reward.stats().items()},
-        }  # fmt: skip
+        metrics |= step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
+        metrics |= {"online/skipped_steps": skipped, **{f"reward/{k}": v for k, v in reward.stats().items()}}
+        metrics |= {"time/generation": t_gen, "time/scoring": t_score, "time/training": t_train,
+                    "time/weight_push": t_push, "sampling/tokens_per_second": new_tokens / max(t_gen, 1e-9)}  # fmt: skip
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < len(plan):
             metrics |= evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)
         metrics["time/step"] = time.perf_counter() - t_step
@@ -444,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         _log_samples(accelerator, tc.output_dir, step + 1, gather_object(log_rows))
         bar.set_postfix(
             score=f"{metrics['objective/scores']:.3f}",
-            pairs=f"{total['pairs']}",
+            pairs=f"{metrics['online/pair_fraction']:.2f}",
             loss=f"{metrics.get('loss', float('nan')):.4f}",
         )
         bar.update(1)
