@@ -287,7 +287,13 @@ class VLLMServerGenerator:
         self.version += 1
         folder = self.weights_dir / f"push-{self.version:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in named_tensors}
+        # Tied weights (embeddings = output head) share memory, which safetensors refuses: copy the second name
+        # (the engine needs both: with the output head left out it keeps the old one).
+        tensors, seen = {}, set()
+        for k, v in named_tensors:
+            v = v.detach().to("cpu").contiguous()
+            tensors[k] = v.clone() if v.data_ptr() in seen else v
+            seen.add(v.data_ptr())
         save_file(tensors, str(folder / "model.safetensors"))
         self._request(
             "POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}

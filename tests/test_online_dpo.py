@@ -4,6 +4,7 @@ with SIGKILL resumes without repeating or skipping a prompt, with its optimizer 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -215,7 +216,9 @@ def test_two_steps_against_a_separate_vllm_server(tmp_path, tiny_qwen2):
     port = _free_port()
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
-        [str(os.path.join(os.path.dirname(sys.executable), "vllm")), "serve", tiny_qwen2, "--host", "127.0.0.1",
+        # `vllm serve` itself: the `vllm` command of the vllm-cpu package fails on its own version lookup
+        # (PackageNotFoundError: vllm), so the server module is started directly; on CUDA `vllm serve` works.
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_qwen2, "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0"],
         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), start_new_session=True,
     )  # fmt: skip
@@ -225,7 +228,8 @@ def test_two_steps_against_a_separate_vllm_server(tmp_path, tiny_qwen2):
                   f"generation.server_url=http://127.0.0.1:{port}", f"generation.weights_dir={tmp_path / 'push'}",
                   "eval.at_start=false", "eval.at_end=false")  # fmt: skip
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     m = [x for x in read_metrics(out) if "loss" in x]
     assert len(m) == 2 and m[0]["online/pair_fraction"] > 0
