@@ -72,6 +72,7 @@ def run_trl(args) -> dict:
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
+            print(f"[trl] step {len(times)}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
 
     out = tempfile.mkdtemp(prefix="bench-online-trl-")
     cfg = OnlineDPOConfig(
@@ -118,10 +119,11 @@ def main() -> None:
     for which in ("ours", "trl"):
         cmd = [sys.executable, __file__, "--which", which, *sys.argv[1:]]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)
+        # stderr goes to the terminal: a slow trainer's per-step progress stays visible.
+        proc = subprocess.run(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or not line:
-            sys.exit(f"{which} failed:\n{proc.stderr[-4000:]}")
+            sys.exit(f"{which} failed (exit {proc.returncode}); its log is above")
         results[which] = json.loads(line[7:]) | {"wall_s": time.perf_counter() - t0}
         print(which, json.dumps(results[which]), flush=True)
     ratio = results["trl"]["s_per_step"] / results["ours"]["s_per_step"]
