@@ -66,6 +66,7 @@ from alignment.logprobs import TokenLogProbs
 from alignment.models import load_causal_lm, load_tokenizer, resolve_model
 from alignment.pair_selection import DROP_REASONS, PairSelectionConfig, select_pair
 from alignment.preference import (
+    METRICS,
     LossConfig,
     ReferenceConfig,
     add_sums,
@@ -298,7 +299,7 @@ def dpo_update(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    zeros = {k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in _PREF_METRICS}
+    zeros = {k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in METRICS}
     metrics = reduce_metrics(accelerator, sums or zeros, G) | {
         "learning_rate": lr,
         "grad_norm": float(grad_norm),
@@ -477,10 +478,6 @@ def main(argv: list[str] | None = None) -> None:
     finish(
         accelerator, policy, tokenizer, cfg, tracker, {"steps": len(plan), "prompts": len(prompts), **summary}
     )
-
-
-_PREF_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected")  # fmt: skip
 
 
 def _one(seq, device):
