@@ -201,8 +201,24 @@ def to_dict(cfg: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _key_parts(key: str, where: str) -> list[str | int]:
+    """``rewards[0].params.name_or_path`` -> ``["rewards", 0, "params", "name_or_path"]``."""
+    parts: list[str | int] = []
+    for name in key.split("."):
+        m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", name)
+        if m is None:
+            raise ConfigError(f"{where}: override key {key!r}: write list items as name[index], e.g. rewards[0]")
+        parts.append(m.group(1))
+        parts += [int(i) for i in re.findall(r"\d+", m.group(2))]
+    return parts
+
+
 def apply_override(data: dict[str, Any], override: str, where: str = "command line") -> None:
-    """Apply ``a.b.c=value`` to nested ``data``; ``value`` is parsed as YAML (``lr=7e-6`` is a float)."""
+    """Apply ``a.b.c=value`` to nested ``data``; ``value`` is parsed as YAML (``lr=7e-6`` is a float).
+
+    ``rewards[0].params.name_or_path=...`` sets a key inside an item of a list the recipe already has; a missing
+    mapping on the way is created, a missing list item is an error (an override never grows a list).
+    """
     if "=" not in override:
         raise ConfigError(f"{where}: override {override!r} is not of the form key=value")
     key, raw = override.split("=", 1)
@@ -210,16 +226,24 @@ def apply_override(data: dict[str, Any], override: str, where: str = "command li
     if not key:
         raise ConfigError(f"{where}: override {override!r} has an empty key")
     value = load_yaml(raw, f"{where} ({key})") if raw.strip() else ""
-    node = data
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is not a mapping; cannot set {key}")
-        node = child
-    node[parts[-1]] = value
+    parts = _key_parts(key, where)
+    node: Any = data
+    for i, part in enumerate(parts):
+        here = _dotted(parts[:i]) or "the top level"
+        if isinstance(part, int) and not (isinstance(node, list) and part < len(node)):
+            size = f"a list of {len(node)} items" if isinstance(node, list) else "not a list"
+            raise ConfigError(f"{where}: {here} is {size}; cannot set {key}")
+        if isinstance(part, str) and not isinstance(node, dict):
+            raise ConfigError(f"{where}: {here} is not a mapping; cannot set {key}")
+        if i == len(parts) - 1:
+            node[part] = value
+        elif isinstance(part, str) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+
+
+def _dotted(parts: list[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if j else p) for j, p in enumerate(parts))
 
 
 def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -68,6 +68,25 @@ def test_overrides_are_typed_and_checked(tmp_path):
         load_config(Outer, p, ["inner.lr"])
 
 
+def test_an_override_reaches_into_a_list_item(tmp_path):
+    # The chain points online DPO's reward model at its own run: rewards[0].params.name_or_path.
+    from alignment.config import apply_override
+
+    data = load_yaml("rewards:\n  - {name: reward_model, params: {name_or_path: outputs/reward}}\n  - {name: math}\n")
+    apply_override(data, "rewards[0].params.name_or_path=outputs/chain/reward")
+    apply_override(data, "rewards[1].weight=0.5")
+    assert data["rewards"] == [
+        {"name": "reward_model", "params": {"name_or_path": "outputs/chain/reward"}},
+        {"name": "math", "weight": 0.5},
+    ]
+    with pytest.raises(ConfigError, match=r"rewards is a list of 2 items; cannot set rewards\[2\]\.weight"):
+        apply_override(data, "rewards[2].weight=1")
+    with pytest.raises(ConfigError, match=r"rewards is not a mapping; cannot set rewards\.weight"):
+        apply_override(data, "rewards.weight=1")
+    with pytest.raises(ConfigError, match=r"write list items as name\[index\]"):
+        apply_override(data, "rewards[first].weight=1")
+
+
 def test_literal_and_validation_errors_name_the_section(tmp_path):
     with pytest.raises(ConfigError, match=r"optimizer\.name: expected one of 'adamw', 'ondare', 'onties'"):
         load_config(SFTConfig, None, ["optimizer.name=sgd"])
