@@ -7,7 +7,7 @@ ACCELERATE := $(BIN)/accelerate launch
 # Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
 ARGS ?=
 
-.PHONY: help install install-gpu data sft dpo reward online-dpo test test-fast test-slow lint format bench lock clean
+.PHONY: help install install-gpu data sft dpo reward online-dpo chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -53,6 +53,15 @@ outputs/reward/model.safetensors:
 
 online-dpo: outputs/dpo/model.safetensors outputs/reward/model.safetensors  ## online DPO with vLLM from outputs/dpo, judged by outputs/reward -> outputs/online_dpo
 	$(ACCELERATE) alignment/online_dpo.py recipes/online_dpo.yaml $(ARGS)
+
+chain:  ## the whole chain: data, SFT, reward model, DPO, online DPO, evaluations, report -> outputs/chain
+	$(PY) -m alignment.chain recipes/chain.yaml $(ARGS)
+
+chain-adamw:  ## the chain plus online DPO with AdamW (reuses what outputs/chain has) -> outputs/chain/online_dpo_adamw
+	$(PY) -m alignment.chain recipes/chain_adamw.yaml $(ARGS)
+
+chain-smoke:  ## the chain on tiny-qwen2, two steps a stage, no evaluation (about a minute) -> outputs/chain-smoke
+	$(PY) -m alignment.chain recipes/chain_smoke.yaml $(ARGS)
 
 test:  ## every test (CI runs this through .ci/run)
 	$(PY) -m pytest -q

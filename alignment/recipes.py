@@ -15,6 +15,10 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     "dpo.yaml": ("alignment.dpo", "DPOConfig"),
     "reward.yaml": ("alignment.reward_model", "RewardModelConfig"),
     "online_dpo.yaml": ("alignment.online_dpo", "OnlineDPOConfig"),
+    "chain.yaml": ("alignment.chain", "ChainConfig"),
+    # Overlays: another chain recipe plus overrides; tests/test_chain.py loads each with its base, whole.
+    "chain_adamw.yaml": ("alignment.chain", "ChainOverlayConfig"),
+    "chain_smoke.yaml": ("alignment.chain", "ChainOverlayConfig"),
 }
 
 

@@ -1,0 +1,239 @@
+"""The chain's report: ``<run>/report.md`` with PNG plots of what each stage bought and what it cost.
+
+    python -m alignment.report outputs/chain          (the chain writes it at its end)
+
+It reads files only, from each folder of the run (the start model's evaluation is the folder ``start``):
+``stage.json`` / ``eval.stage.json`` (status and wall time), ``metrics.jsonl`` (training curves: loss,
+rewards/margins, the reward model's margin and held-out accuracy, online DPO's scores, pair fraction and KL),
+``eval.json`` (the evaluation after the stage) and ``summary.json`` (held-out numbers a stage measured itself,
+such as the reward model's pair accuracy). A metric a stage did not report is shown as missing, never as 0.
+Plots go to ``<run>/plots/`` (matplotlib, Agg backend: no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Training curves, in this order, for every stage that logged them.
+CURVES = (
+    "loss",
+    "rewards/margins",
+    "margin",
+    "eval/accuracy",
+    "objective/scores",
+    "online/pair_fraction",
+    "objective/kl",
+)
+MISSING = "missing"
+START = "start"
+
+Table = dict[str, dict[str, float | None]]  # metric -> stage -> value (None: missing)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_names(run: Path) -> list[str]:
+    """The start model, then the chain's stages in its order (``<run>/chain.yaml``), then any other folder
+    that holds a stage's files."""
+    chain = read_yaml(run / "chain.yaml")
+    listed = list((chain or {}).get("stages") or {})
+    others = sorted(p.name for p in run.iterdir() if p.is_dir())
+    names = dict.fromkeys([START, *listed, *others])
+    marks = ("stage.json", "eval.json", "metrics.jsonl", "summary.json")
+    return [n for n in names if any((run / n / m).is_file() for m in marks)]
+
+
+def read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def read_curves(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """metric -> (steps, values) from a metrics.jsonl. A resumed run logs some steps twice: the last wins.
+    A line cut short by a kill is left out."""
+    by_step: dict[str, dict[int, float]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                by_step.setdefault(key, {})[int(row["step"])] = float(value)
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by_step.items()}
+
+
+def metric_table(run: Path, stages: list[str], file: str, prefix: str = "") -> Table:
+    """metric -> stage -> value, over the numbers of ``<stage>/<file>`` whose names start with ``prefix``."""
+    found = {s: read_json(run / s / file) or {} for s in stages}
+    metrics = dict.fromkeys(
+        k
+        for values in found.values()
+        for k, v in values.items()
+        if k.startswith(prefix) and isinstance(v, int | float) and not isinstance(v, bool)
+    )
+    return {m: {s: _number(found[s].get(m)) for s in stages} for m in metrics}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _figure(n: int, ncols: int):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a server
+    import matplotlib.pyplot as plt
+
+    ncols = min(n, ncols)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:n])
+
+
+def plot_curves(stage: str, curves: dict[str, tuple[list[int], list[float]]], out: Path) -> list[str]:
+    """One panel per metric of CURVES that the stage logged; the metrics drawn (none: no file)."""
+    keys = [k for k in CURVES if k in curves]
+    if not keys:
+        return []
+    plt, fig, axes = _figure(len(keys), ncols=4)
+    for ax, key in zip(axes, keys):
+        steps, values = curves[key]
+        ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(stage)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return keys
+
+
+def plot_table(table: Table, stages: list[str], out: Path, title: str) -> None:
+    """One bar chart per metric, a bar per stage."""
+    plt, fig, axes = _figure(len(table), ncols=3)
+    for ax, (metric, values) in zip(axes, table.items()):
+        bar_panel(ax, metric, values, stages)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def bar_panel(ax, metric: str, values: dict[str, float | None], stages: list[str]) -> None:
+    """A bar per stage with its value on top; a missing (or NaN) value is the word, where its bar would be."""
+    for x, stage in enumerate(stages):
+        value = values[stage]
+        if value is None or math.isnan(value):
+            ax.text(x, 0, fmt(value), ha="center", va="bottom", rotation=90, fontsize=8, color="grey")
+            continue
+        bars = ax.bar(x, value, color=f"C{x % 10}")
+        ax.bar_label(bars, [fmt(value)], fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlim(-0.6, len(stages) - 0.4)
+    ax.margins(y=0.15)
+    ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right", fontsize=8)
+    ax.set_title(metric, fontsize=10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.4g}"
+
+
+def fmt_seconds(record: dict[str, Any] | None) -> str:
+    if record is None or "seconds" not in record:
+        return MISSING
+    s = record["seconds"]
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def markdown_table(table: Table, stages: list[str]) -> list[str]:
+    lines = ["| metric | " + " | ".join(stages) + " |", "| --- |" + " ---: |" * len(stages)]
+    lines += [f"| {m} | " + " | ".join(fmt(values[s]) for s in stages) + " |" for m, values in table.items()]
+    return lines
+
+
+def stages_section(run: Path, stages: list[str]) -> list[str]:
+    lines = ["## Stages", "", "| stage | status | run time | evaluation | evaluation time |"]
+    lines.append("| --- | --- | ---: | --- | ---: |")
+    for s in stages:
+        rec, ev = read_json(run / s / "stage.json"), read_json(run / s / "eval.stage.json")
+        status = rec["status"] + (" (resumed)" if rec.get("resumed") else "") if rec else "-"
+        lines.append(
+            f"| {s} | {status} | {fmt_seconds(rec) if rec else '-'} | {ev['status'] if ev else '-'} | "
+            f"{fmt_seconds(ev) if ev else '-'} |"
+        )
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report.md`` and its plots under ``<run_dir>/plots``; the report's path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    stages = stage_names(run)
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    lines = [f"# Chain report: {run}", "", f"Written by `python -m alignment.report {run}`.", ""]
+    lines += stages_section(run, stages) + [""]
+
+    evaluated = [s for s in stages if (run / s / "eval.json").is_file()]
+    table = metric_table(run, evaluated, "eval.json")
+    lines += ["## Evaluation", ""]
+    if table:
+        plot_table(table, evaluated, plots / "eval.png", "evaluation after each stage")
+        lines += ["Each stage's `eval.json` (`start`: the start model).", ""]
+        lines += markdown_table(table, evaluated) + ["", "![evaluation](plots/eval.png)", ""]
+    else:
+        lines += ["No stage has an eval.json.", ""]
+
+    own = metric_table(run, stages, "summary.json", prefix="eval/")
+    measured = [s for s in stages if any(v[s] is not None for v in own.values())]
+    if own:
+        lines += ["## Held-out numbers the stages measured themselves", "", "From each `summary.json`.", ""]
+        lines += markdown_table({m: {s: v[s] for s in measured} for m, v in own.items()}, measured) + [""]
+
+    lines += ["## Training curves", ""]
+    for s in stages:
+        drawn = plot_curves(s, read_curves(run / s / "metrics.jsonl"), plots / f"{s}.png")
+        if drawn:
+            lines += [f"### {s}", "", f"![{s}](plots/{s}.png)", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        raise SystemExit("usage: python -m alignment.report <run folder>   (e.g. outputs/chain)")
+    print(write_report(argv[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The chain's report (alignment/report.py) from hand-made run folders: the plots are valid PNG images, the
+tables hold the numbers, and a metric a stage did not report reads as missing, never as 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from alignment.report import read_curves, write_report
+from tests.conftest import REPO, write_jsonl
+
+EVALS = {
+    "start": {"eval/math_accuracy": 0.02, "eval/win_rate": 0.5, "eval/general_text_nll": 2.583},
+    "sft": {"eval/math_accuracy": 0.125, "eval/win_rate": 0.61, "eval/general_text_nll": 2.7},
+    # dpo's evaluation did not measure the NLL: missing in the table and the chart, not 0.
+    "dpo": {"eval/math_accuracy": 0.15, "eval/win_rate": 0.66},
+    "online_dpo": {"eval/math_accuracy": 0.2, "eval/win_rate": 0.7, "eval/general_text_nll": 2.75},
+}
+
+
+def make_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "chain.yaml").parent.mkdir(parents=True)
+    # The chain's order, not the alphabet's.
+    (run / "chain.yaml").write_text("stages: {data: {}, sft: {}, reward: {}, dpo: {}, online_dpo: {}}\n")
+    for stage, values in EVALS.items():
+        (run / stage).mkdir(exist_ok=True)
+        (run / stage / "eval.json").write_text(json.dumps(values))
+    write_jsonl(
+        run / "sft" / "metrics.jsonl",
+        [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-5} for s in (1, 2, 3)],
+    )
+    write_jsonl(
+        run / "reward" / "metrics.jsonl",
+        [
+            {"step": 1, "loss": 0.7, "margin": 0.1},
+            {"step": 2, "loss": 0.6, "margin": 0.4, "eval/accuracy": 0.8},
+        ],
+    )
+    (run / "reward" / "summary.json").write_text(json.dumps({"steps": 2, "eval/accuracy": 0.8}))
+    write_jsonl(
+        run / "dpo" / "metrics.jsonl",
+        [{"step": s, "loss": 0.69 - 0.01 * s, "rewards/margins": 0.02 * s} for s in (1, 2)],
+    )
+    write_jsonl(
+        run / "online_dpo" / "metrics.jsonl",
+        [{"step": 0, "eval/math_accuracy": 0.15}]
+        + [
+            {"step": s, "loss": 0.69, "objective/scores": -1.0 + 0.1 * s, "online/pair_fraction": 1.0,
+             "objective/kl": 0.05 * s}
+            for s in (1, 2, 3)
+        ],
+    )  # fmt: skip
+    (run / "sft" / "stage.json").write_text(json.dumps({"status": "done", "seconds": 750.0, "resumed": True}))
+    (run / "sft" / "eval.stage.json").write_text(json.dumps({"status": "done", "seconds": 42.0}))
+    return run
+
+
+def table_row(text: str, metric: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {metric} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_the_report_has_a_table_of_every_eval_metric_per_stage(tmp_path):
+    run = make_run(tmp_path)
+    text = write_report(run).read_text()
+    header = table_row(text, "metric")
+    assert header == ["start", "sft", "dpo", "online_dpo"]  # the start model, then the chain's order
+    assert table_row(text, "eval/math_accuracy") == ["0.02", "0.125", "0.15", "0.2"]
+    assert table_row(text, "eval/win_rate") == ["0.5", "0.61", "0.66", "0.7"]
+    assert table_row(text, "eval/general_text_nll") == ["2.583", "2.7", "missing", "2.75"]
+    # What a stage measured itself: the reward model's held-out pair accuracy.
+    assert table_row(text, "eval/accuracy") == ["0.8"]
+    assert "| sft | done (resumed) | 12.5 min | done | 42 s |" in text
+
+
+def test_the_plots_are_valid_images_linked_from_the_report(tmp_path):
+    run = make_run(tmp_path)
+    text = write_report(run).read_text()
+    pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert pngs == ["dpo.png", "eval.png", "online_dpo.png", "reward.png", "sft.png"]
+    for name in pngs:
+        assert f"](plots/{name})" in text
+        with Image.open(run / "plots" / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+            image.verify()
+    # A stage that logged no curve (start, data) gets no plot.
+    assert "### start" not in text
+
+
+def test_a_missing_metric_is_drawn_as_missing_not_as_a_zero_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignment.report import bar_panel
+
+    fig, ax = plt.subplots()
+    stages = ["start", "sft", "dpo", "online_dpo"]
+    bar_panel(
+        ax,
+        "eval/general_text_nll",
+        {"start": 2.5, "sft": None, "dpo": float("nan"), "online_dpo": 0.0},
+        stages,
+    )
+    bars = [(round(b.get_x() + b.get_width() / 2), b.get_height()) for b in ax.patches]
+    assert bars == [(0, 2.5), (3, 0.0)]  # a real 0 is a bar; missing and NaN are not
+    words = sorted(
+        (t.get_position()[0], t.get_text()) for t in ax.texts if t.get_text() in ("missing", "nan")
+    )
+    assert words == [(1, "missing"), (2, "nan")]
+    assert {t.get_text() for t in ax.texts} >= {"2.5", "0"}  # the values on top of the bars
+    plt.close(fig)
+
+
+def test_curves_read_the_last_value_of_a_step_logged_twice_and_skip_a_cut_line(tmp_path):
+    # A resumed run logs the steps after its checkpoint again; a kill can cut the last line.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 2, "loss": 0.8}\n{"step": 3, "lo'
+    )
+    assert read_curves(path) == {"loss": ([1, 2], [1.0, 0.8])}
+
+
+def test_the_command_line_writes_the_report(tmp_path):
+    run = make_run(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignment.report", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(run / "report.md") and (run / "plots" / "eval.png").is_file()
+
+
+def test_a_run_folder_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        write_report(tmp_path / "nope")
