@@ -12,6 +12,7 @@ from pathlib import Path
 
 SCHEMAS: dict[str, tuple[str, str]] = {
     "sft.yaml": ("alignment.sft", "SFTConfig"),
+    "sft_qwen2.yaml": ("alignment.sft", "SFTConfig"),
     "dpo.yaml": ("alignment.dpo", "DPOConfig"),
     "reward.yaml": ("alignment.reward_model", "RewardModelConfig"),
     "online_dpo.yaml": ("alignment.online_dpo", "OnlineDPOConfig"),

@@ -3,7 +3,8 @@
     python -m data_synthesis.make_default_data            # writes data/sft, data/preference, data/prompts
 
 Every task has a computed gold answer, so the same generators give
-- SFT demonstrations (``data/sft/train.jsonl``, ``messages``): a worked answer that ends "The answer is X.";
+- SFT demonstrations (``data/sft/train.jsonl``, ``messages``): a worked answer that writes every intermediate
+  result and ends "The answer is X.";
 - preference pairs (``data/preference/train.jsonl``, ``prompt``/``chosen``/``rejected``): the correct worked
   answer is chosen, a plausible wrong one (an off-by-some result, a carry error, a miscount) is rejected;
 - prompts with gold answers (``data/prompts/train.jsonl``) for online DPO and rejection sampling.
@@ -18,6 +19,8 @@ import argparse
 import json
 import random
 from collections.abc import Callable
+from fractions import Fraction
+from math import lcm
 from pathlib import Path
 
 WORDS = (
@@ -128,14 +131,168 @@ def _word_problem(rng: random.Random) -> Task:
     return prompt, answer, str(gold), wrong
 
 
+# Multi-step word problems: the skills of data/eval/math.jsonl (rates, totals and change, rectangles, discounts,
+# parts of a whole, linear equations, ages, fraction sums) in this file's own scenarios and wording. Every
+# worked answer writes each intermediate result, so a small model learns to compute one step at a time.
+PEOPLE = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kira", "Leo")
+
+
+def _trip(rng: random.Random) -> Task:
+    who = rng.choice(["A cyclist", "A bus", "A boat", "A runner", "A truck"])
+    v1, t1, v2, t2 = rng.randint(8, 60), rng.randint(2, 5), rng.randint(8, 60), rng.randint(1, 4)
+    d1, d2 = v1 * t1, v2 * t2
+    gold = d1 + d2
+    prompt = (
+        f"{who} goes {v1} km/h for {t1} hours and after that {v2} km/h for {t2} hours. "
+        "What is the whole distance in km?"
+    )
+    answer = (
+        f"{v1} × {t1} = {d1} km and {v2} × {t2} = {d2} km, so {d1} + {d2} = {gold}. The answer is {gold}."
+    )
+    wrong = f"{v1} × {t1} = {d1} km and {v2} × {t2} = {d2} km, so {d1} + {d2} = {gold + 10}. The answer is {gold + 10}."
+    return prompt, answer, str(gold), wrong
+
+
+def _shopping(rng: random.Random) -> Task:
+    name = rng.choice(PEOPLE)
+    a, p, b, q = rng.randint(2, 6), rng.randint(2, 9), rng.randint(2, 6), rng.randint(1, 5)
+    x, y = a * p, b * q
+    total = x + y
+    note = next(v for v in (20, 50, 100) if v > total)
+    gold = note - total
+    prompt = (
+        f"{name} picks {a} mugs at {p} dollars each and {b} spoons at {q} dollars each, paying with a "
+        f"{note} dollar note. What change should {name} receive?"
+    )
+    steps = f"{a} × {p} = {x} and {b} × {q} = {y}, so the total is {x} + {y} = {total}."
+    answer = f"{steps} The change is {note} - {total} = {gold}. The answer is {gold}."
+    wrong = f"{steps} The change is {note} - {total} = {gold + 2}. The answer is {gold + 2}."
+    return prompt, answer, str(gold), wrong
+
+
+def _rectangle(rng: random.Random) -> Task:
+    thing = rng.choice(["field", "playground", "carpet", "tabletop", "parking lot"])
+    length, width = rng.randint(4, 30), rng.randint(2, 20)
+    if rng.random() < 0.5:
+        gold = 2 * (length + width)
+        prompt = f"How long is the border of a {length} m by {width} m rectangular {thing}, in metres?"
+        answer = (
+            f"The border is 2 × ({length} + {width}) = 2 × {length + width} = {gold}. The answer is {gold}."
+        )
+        wrong = f"The border is {length} + {width} = {length + width}. The answer is {length + width}."
+    else:
+        gold = length * width
+        prompt = f"How many square metres does a {length} m by {width} m rectangular {thing} cover?"
+        answer = f"The area is {length} × {width} = {gold}. The answer is {gold}."
+        bad = (
+            2 * (length + width) if 2 * (length + width) != gold else length + width
+        )  # the border, or half of it
+        wrong = f"The area is {bad}. The answer is {bad}."
+    return prompt, answer, str(gold), wrong
+
+
+def _discount(rng: random.Random) -> Task:
+    item = rng.choice(["lamp", "bicycle", "coat", "chair", "guitar"])
+    rate = rng.choice([10, 20, 25, 30, 40, 50, 75])
+    price = rng.randint(2, 25) * 20
+    off = price * rate // 100
+    gold = price - off
+    prompt = f"With {rate} percent taken off, what does a {item} that was {price} dollars cost now?"
+    answer = f"{rate}% of {price} is {price} × {rate} / 100 = {off}, and {price} - {off} = {gold}. The answer is {gold}."
+    if off != gold:  # the discount itself given as the price
+        wrong = f"{rate}% of {price} is {price} × {rate} / 100 = {off}. The answer is {off}."
+    else:  # 50% off: the discount added instead of taken off
+        wrong = (
+            f"{rate}% of {price} is {off}, and {price} + {off} = {price + off}. The answer is {price + off}."
+        )
+    return prompt, answer, str(gold), wrong
+
+
+def _part_of_whole(rng: random.Random) -> Task:
+    den = rng.choice([2, 3, 4, 5, 6, 8])
+    num = rng.randint(1, den - 1)
+    unit = rng.randint(2, 12)
+    total = den * unit
+    part = num * unit
+    gold = total - part
+    who, verb = rng.choice(
+        [("students", "walk to school"), ("guests", "drink tea"), ("players", "wear caps")]
+    )
+    prompt = f"Out of {total} {who}, {num}/{den} {verb}. How many of the {who} do not?"
+    answer = f"{total} / {den} = {unit}, so {num} × {unit} = {part} {verb}. {total} - {part} = {gold}. The answer is {gold}."
+    bad = part if part != gold else total  # the part that does, or (for a half) the whole
+    wrong = f"{total} / {den} = {unit}, so {num} × {unit} = {part} {verb}. The answer is {bad}."
+    return prompt, answer, str(gold), wrong
+
+
+def _linear(rng: random.Random) -> Task:
+    a, x, b = rng.randint(2, 9), rng.randint(-10, 15), rng.randint(1, 25)
+    if rng.random() < 0.5:
+        c = a * x + b
+        prompt = f"Find the number x such that {a} times x plus {b} equals {c}."
+        answer = f"{a}x = {c} - {b} = {c - b}, so x = {c - b} / {a} = {x}. The answer is {x}."
+    else:
+        c = a * x - b
+        prompt = f"Find the number x such that {a} times x minus {b} equals {c}."
+        answer = f"{a}x = {c} + {b} = {c + b}, so x = {c + b} / {a} = {x}. The answer is {x}."
+    wrong = f"x = {c} / {a}. The answer is {x + 1}."
+    return prompt, answer, str(x), wrong
+
+
+def _age_gap(rng: random.Random) -> Task:
+    young, old = rng.sample(PEOPLE, 2)
+    age, gap, later = rng.randint(3, 30), rng.randint(2, 15), rng.randint(2, 20)
+    now = age + gap
+    gold = now + later
+    prompt = f"{young} turned {age} this year and {old} was born {gap} years before {young}. What age will {old} reach {later} years from now?"
+    answer = f"{old} is {age} + {gap} = {now} now, and {now} + {later} = {gold}. The answer is {gold}."
+    wrong = f"{old} is {age} + {gap} = {now} now. The answer is {now}."
+    return prompt, answer, str(gold), wrong
+
+
+def _fraction_add(rng: random.Random) -> Task:
+    a, b, c, d = rng.randint(1, 9), rng.randint(2, 10), rng.randint(1, 9), rng.randint(2, 10)
+    m = lcm(b, d)
+    total = Fraction(a, b) + Fraction(c, d)
+    prompt = f"What is {a}/{b} + {c}/{d}? Write it in simplest form."
+    n = a * m // b + c * m // d
+    simplified = "" if f"{n}/{m}" == str(total) else f" = {total}"
+    answer = (
+        f"Over {m}: {a}/{b} = {a * m // b}/{m} and {c}/{d} = {c * m // d}/{m}, "
+        f"so the sum is {n}/{m}{simplified}. The answer is {total}."
+    )
+    wrong = f"{a}/{b} + {c}/{d} = {a + c}/{b + d}. The answer is {Fraction(a + c, b + d)}."
+    return prompt, answer, str(total), wrong
+
+
 TASKS: dict[str, Callable[[random.Random], Task]] = {
     "arithmetic": _arith,
     "count_letter": _count_letter,
     "sort_numbers": _sort_numbers,
     "reverse_word": _reverse_word,
     "word_problem": _word_problem,
+    "trip": _trip,
+    "shopping": _shopping,
+    "rectangle": _rectangle,
+    "discount": _discount,
+    "part_of_whole": _part_of_whole,
+    "linear": _linear,
+    "age_gap": _age_gap,
+    "fraction_add": _fraction_add,
 }
-WEIGHTS = {"arithmetic": 4, "count_letter": 2, "sort_numbers": 1, "reverse_word": 1, "word_problem": 2}
+MULTI_STEP = (
+    "trip",
+    "shopping",
+    "rectangle",
+    "discount",
+    "part_of_whole",
+    "linear",
+    "age_gap",
+    "fraction_add",
+)
+# About 60% multi-step word problems: the skill the held-out math set measures.
+WEIGHTS = {"arithmetic": 3, "count_letter": 2, "sort_numbers": 1, "reverse_word": 1, "word_problem": 1}
+WEIGHTS |= dict.fromkeys(MULTI_STEP, 1.5)
 
 
 def generate(n: int, rng: random.Random, seen: set[str]) -> list[tuple[str, Task]]:
@@ -204,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data", help="output folder (default: data)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sft", type=int, default=400, help="SFT demonstrations")
+    ap.add_argument("--sft", type=int, default=800, help="SFT demonstrations")
     ap.add_argument("--preference", type=int, default=300, help="preference pairs")
     ap.add_argument("--prompts", type=int, default=200, help="prompts with gold answers")
     args = ap.parse_args(argv)

@@ -8,8 +8,10 @@
   ``prompt`` / ``answer`` / ``task`` / ``id``, scored by the ``math`` reward.
   Kept apart from training data: the training sets (``data_synthesis.make_default_data``, seed 0) ask bare
   two-operand questions ("What is 12 plus 30?"), letter counts, sorting, reversing and one word-problem
-  template ("X has a things, gets b more, then gives away c"). These templates are other families, and
-  every prompt is checked against the training templates' patterns and against the prompts in
+  template ("X has a things, gets b more, then gives away c"), plus multi-step word problems that train the
+  same skills as this set (rates, change, rectangles, discounts, parts of a whole, equations, ages, fraction
+  sums) in other scenarios and wording. No eval prompt is an instance of a training template: every prompt is
+  checked against the training templates' patterns and against the prompts in
   ``data/{sft,preference,prompts}/train.jsonl``; a collision stops the script.
 - ``ifeval.jsonl``: a writing task plus 1-3 IFEval-style constraints, their text from
   ``reward.ifeval.DESCRIPTIONS``, columns ``prompt`` / ``constraints`` / ``id``, scored by ``ifeval``.
@@ -46,6 +48,15 @@ TRAINING_PATTERNS = [
     re.compile(r"how many times does the letter|count the letter", re.I),
     re.compile(r"sort these numbers|backwards|reverse the letters", re.I),
     re.compile(r"has \d+ \w+, gets \d+ more, then gives away \d+", re.I),
+    # The multi-step word problems (same skills as math.jsonl, other scenarios and wording).
+    re.compile(r"goes \d+ km/h for \d+ hours and after that", re.I),
+    re.compile(r"picks \d+ mugs at \d+ dollars each", re.I),
+    re.compile(r"border of a \d+ m by \d+ m|square metres does a \d+ m by \d+ m", re.I),
+    re.compile(r"percent taken off, what does a", re.I),
+    re.compile(r"Out of \d+ \w+, \d+/\d+ ", re.I),
+    re.compile(r"Find the number x such that", re.I),
+    re.compile(r"turned \d+ this year and \w+ was born \d+ years before", re.I),
+    re.compile(r"What is \d+/\d+ \+ \d+/\d+\? Write it in simplest form", re.I),
 ]
 
 MathTask = tuple[str, str]  # prompt, gold answer

@@ -33,6 +33,19 @@ def _arithmetic(m: re.Match) -> str:
     return str({"plus": a + b, "minus": a - b, "times": a * b}[m["op"]])
 
 
+def _fraction_add(m: re.Match) -> str:
+    from fractions import Fraction
+
+    return str(Fraction(int(m["a"]), int(m["b"])) + Fraction(int(m["c"]), int(m["d"])))
+
+
+def _linear(m: re.Match) -> str:
+    a, b, c = int(m["a"]), int(m["b"]), int(m["c"])
+    rhs = c - b if m["op"] == "plus" else c + b
+    assert rhs % a == 0
+    return str(rhs // a)
+
+
 def _sort(m: re.Match) -> str:
     nums = sorted((int(x) for x in m["nums"].split(",")), reverse=m["order"] == "descending")
     return ", ".join(map(str, nums))
@@ -50,6 +63,26 @@ SOLVERS = [
      lambda m: (m["w"] or m["w2"])[::-1]),
     (r"(?P<name>[A-Z]\w+) has (?P<a>\d+) (?P<thing>\w+), gets (?P<b>\d+) more, then gives away (?P<c>\d+)\. "
      r"How many (?P=thing) does (?P=name) have now\?", _word_problem),
+    # The multi-step word problems.
+    (r"A (cyclist|bus|boat|runner|truck) goes (?P<v1>\d+) km/h for (?P<t1>\d+) hours and after that (?P<v2>\d+) "
+     r"km/h for (?P<t2>\d+) hours\. What is the whole distance in km\?",
+     lambda m: str(int(m["v1"]) * int(m["t1"]) + int(m["v2"]) * int(m["t2"]))),
+    (r"(?P<n>[A-Z]\w+) picks (?P<a>\d+) mugs at (?P<p>\d+) dollars each and (?P<b>\d+) spoons at (?P<q>\d+) "
+     r"dollars each, paying with a (?P<note>\d+) dollar note\. What change should (?P=n) receive\?",
+     lambda m: str(int(m["note"]) - int(m["a"]) * int(m["p"]) - int(m["b"]) * int(m["q"]))),
+    (r"How long is the border of a (?P<l>\d+) m by (?P<w>\d+) m rectangular [a-z ]+, in metres\?",
+     lambda m: str(2 * int(m["l"]) + 2 * int(m["w"]))),
+    (r"How many square metres does a (?P<l>\d+) m by (?P<w>\d+) m rectangular [a-z ]+ cover\?",
+     lambda m: str(int(m["l"]) * int(m["w"]))),
+    (r"With (?P<r>\d+) percent taken off, what does a \w+ that was (?P<p>\d+) dollars cost now\?",
+     lambda m: str(int(m["p"]) * (100 - int(m["r"])) // 100)),
+    (r"Out of (?P<t>\d+) (?P<who>\w+), (?P<n>\d+)/(?P<d>\d+) [a-z ]+\. How many of the (?P=who) do not\?",
+     lambda m: str(int(m["t"]) - int(m["t"]) * int(m["n"]) // int(m["d"]))),
+    (r"Find the number x such that (?P<a>\d+) times x (?P<op>plus|minus) (?P<b>\d+) equals (?P<c>-?\d+)\.", _linear),
+    (r"(?P<y>[A-Z]\w+) turned (?P<age>\d+) this year and (?P<o>[A-Z]\w+) was born (?P<gap>\d+) years before "
+     r"(?P=y)\. What age will (?P=o) reach (?P<later>\d+) years from now\?",
+     lambda m: str(int(m["age"]) + int(m["gap"]) + int(m["later"]))),
+    (r"What is (?P<a>\d+)/(?P<b>\d+) \+ (?P<c>\d+)/(?P<d>\d+)\? Write it in simplest form\.", _fraction_add),
 ]  # fmt: skip
 
 
@@ -68,9 +101,10 @@ def final_answer(text: str) -> str:
 
 def check_worked_steps(prompt: str, answer: str) -> None:
     """Every 'a op b = c' in a worked answer is true; a spelled-out word is the prompt's word."""
-    for a, op, b, c in re.findall(r"(\d+) ([-+×]) (\d+) = (\d+)", answer):
+    # A signed first operand that is not itself the end of a longer chain ("600 × 25 / 100" is skipped).
+    for a, op, b, c in re.findall(r"(?<![-+×/] )(?<![\d/])(-?\d+) ([-+×/]) (\d+) = (-?\d+)(?![\d/])", answer):
         a, b, c = int(a), int(b), int(c)
-        assert {"+": a + b, "-": a - b, "×": a * b}[op] == c, (prompt, answer)
+        assert {"+": a + b, "-": a - b, "×": a * b, "/": a / b}[op] == c, (prompt, answer)
     if m := re.search(r"Spelling it out: ([\w-]+)\.", answer):
         assert m[1].replace("-", "") in prompt, (prompt, answer)
 
@@ -93,13 +127,37 @@ def test_solver_self_check():
         solve("Dara has 23 marbles, gets 7 more, then gives away 6. How many marbles does Dara have now?")
         == "24"
     )
+    assert (
+        solve(
+            "A bus goes 40 km/h for 2 hours and after that 10 km/h for 3 hours. What is the whole distance in km?"
+        )
+        == "110"
+    )
+    assert (
+        solve(
+            "Ivo picks 2 mugs at 5 dollars each and 3 spoons at 2 dollars each, paying with a 20 dollar note. What change should Ivo receive?"
+        )
+        == "4"
+    )
+    assert solve("How long is the border of a 5 m by 3 m rectangular parking lot, in metres?") == "16"
+    assert solve("How many square metres does a 5 m by 3 m rectangular field cover?") == "15"
+    assert solve("With 25 percent taken off, what does a coat that was 80 dollars cost now?") == "60"
+    assert solve("Out of 12 guests, 3/4 drink tea. How many of the guests do not?") == "3"
+    assert solve("Find the number x such that 3 times x minus 4 equals -10.") == "-2"
+    assert (
+        solve(
+            "Ben turned 10 this year and Leo was born 3 years before Ben. What age will Leo reach 5 years from now?"
+        )
+        == "18"
+    )
+    assert solve("What is 1/2 + 1/3? Write it in simplest form.") == "5/6"
     with pytest.raises(AssertionError):
         solve("What is the capital of France?")
 
 
 def test_every_sft_answer_is_correct():
     data = rows(DATA / "sft" / "train.jsonl")
-    assert len(data) == 400
+    assert len(data) == 800
     for row in data:
         msgs = row["messages"]
         turns = [m for m in msgs if m["role"] != "system"]
@@ -143,7 +201,7 @@ def training_prompts() -> dict[str, set[str]]:
 
 def test_training_files_use_disjoint_prompts():
     files = training_prompts()
-    assert (len(files["sft"]), len(files["preference"]), len(files["prompts"])) == (400, 300, 200)
+    assert (len(files["sft"]), len(files["preference"]), len(files["prompts"])) == (800, 300, 200)
     assert not files["sft"] & files["preference"]
     assert not files["sft"] & files["prompts"]
     assert not files["preference"] & files["prompts"]
