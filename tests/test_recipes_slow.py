@@ -1,5 +1,6 @@
 """The shipped recipes, shortened by overrides only, on the real SmolLM2-135M-Instruct: SFT, then DPO from
-the SFT output, then the reward model."""
+the SFT output, then the reward model. Each asserts learning, with margins measured on full runs and checked
+against a frozen model (``optimizer.lr=0``), which fails every one of them."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ def sft_out(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("slow") / "sft"
     reset_accelerate()
-    main([str(REPO / "recipes/sft.yaml"), "training.max_steps=2", "data.max_length=1024", "training.per_device_batch_size=2",
-          "logging.report_to=[]", "logging.progress_bar=false", f"training.output_dir={out}"])  # fmt: skip
+    main([str(REPO / "recipes/sft.yaml"), "training.max_steps=8", "logging.report_to=[]", "logging.progress_bar=false",
+          f"training.output_dir={out}"])  # fmt: skip
     return out
 
 
-def test_sft_recipe_on_smollm2(sft_out):
-    m = read_metrics(sft_out)
-    assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m)
-    assert m[0]["loss"] < 3.0  # a real instruct model already knows the format: far below log(49152) = 10.8
+def test_sft_recipe_on_smollm2_learns(sft_out):
+    losses = [x["loss"] for x in read_metrics(sft_out)]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert losses[0] < 3.0  # a real instruct model already knows the format: far below log(49152) = 10.8
+    # The first step's loss is the start model's; 8 steps later the model writes the worked-answer style.
+    # Measured: 1.48 -> 0.85 (mean of the last 3); the start model on the same 8 batches: 1.1 to 1.7.
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.25, losses
     assert (sft_out / "model.safetensors").is_file() and (sft_out / "chat_template.jinja").is_file()
 
 
@@ -34,19 +38,24 @@ def test_dpo_recipe_from_the_sft_output(sft_out, tmp_path):
     from alignment.dpo import main
 
     reset_accelerate()
-    main([str(REPO / "recipes/dpo.yaml"), f"model.name_or_path={sft_out}", "training.max_steps=2",
+    main([str(REPO / "recipes/dpo.yaml"), f"model.name_or_path={sft_out}", "training.max_steps=4",
           "training.per_device_batch_size=4", f"reference.cache_dir={tmp_path / 'ref'}", "logging.report_to=[]",
           "logging.progress_bar=false", f"training.output_dir={tmp_path / 'dpo'}"])  # fmt: skip
     m = read_metrics(tmp_path / "dpo")
-    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-3) and math.isfinite(m[-1]["loss"])
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts as its reference
+    # A policy that did not move keeps the loss at log 2 and the margin at 0 on every step. Measured on the
+    # full run: steps 3-4 at 0.692 / 0.691, margins 0.002 to 0.004, all positive.
+    assert m[-1]["loss"] < math.log(2) - 5e-4 and m[-1]["rewards/margins"] > 5e-4, m[-1]
 
 
 def test_reward_recipe_on_smollm2(tmp_path):
     from alignment.reward_model import main
 
     reset_accelerate()
-    main([str(REPO / "recipes/reward.yaml"), "training.max_steps=2", "training.per_device_batch_size=4",
-          "eval_fraction=0.05", "logging.report_to=[]", "logging.progress_bar=false",
-          f"training.output_dir={tmp_path / 'rm'}"])  # fmt: skip
+    main([str(REPO / "recipes/reward.yaml"), "training.max_steps=10", "logging.report_to=[]",
+          "logging.progress_bar=false", f"training.output_dir={tmp_path / 'rm'}"])  # fmt: skip
     m = read_metrics(tmp_path / "rm")
-    assert 0.0 <= m[-1]["eval/accuracy"] <= 1.0 and math.isfinite(m[-1]["loss"])
+    # The 30 held-out pairs differ only in a final number; a fresh (random) head ranks them at chance. Measured
+    # after 10 steps of the full run: 0.87.
+    assert m[-1]["eval/accuracy"] >= 0.7, m[-1]
+    assert sum(x["loss"] for x in m[-3:]) / 3 < math.log(2) - 0.1, [x["loss"] for x in m]
