@@ -57,7 +57,8 @@ def math_accuracy(generator: Generator, tokenizer, examples, max_new_tokens: int
 
 
 def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: SamplingConfig, n: int = 1):
-    """Mean composed reward of n fresh samples per prompt (None scores left out) and the samples."""
+    """Mean composed reward of n fresh samples per prompt (None scores left out), the samples, and the mean of
+    each component of the composed reward by its label (e.g. ``reward_model``, ``math``; None left out)."""
     answers = sample(generator, tokenizer, examples, n, sampling)
     prompts = [ex.prompt for ex, a in zip(examples, answers) for _ in a]
     columns = {
@@ -66,7 +67,13 @@ def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: Sam
     }
     out = reward(prompts, [c.text for a in answers for c in a], **columns)
     scores = [s for s in out.scores if s is not None]
-    return (sum(scores) / len(scores) if scores else float("nan")), answers
+    parts: dict[str, list[float]] = {}
+    for d in out.details:
+        for label, v in (d.get("components") or {}).items():
+            if v is not None:
+                parts.setdefault(label, []).append(v)
+    components = {k: sum(v) / len(v) for k, v in sorted(parts.items())}
+    return (sum(scores) / len(scores) if scores else float("nan")), answers, components
 
 
 def answer_sequences(tokenizer, examples, answers: list[list[Completion]]) -> list[Sequence]:

@@ -222,9 +222,10 @@ def evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator) 
             out["eval/math_accuracy"], _ = math_accuracy(generator, tokenizer, examples, ec.max_new_tokens)
         if ec.reward_samples:
             sampling = replace(cfg.sampling, max_new_tokens=ec.max_new_tokens)
-            out["eval/mean_reward"], answers = mean_reward(
+            out["eval/mean_reward"], answers, components = mean_reward(
                 generator, tokenizer, examples, reward, sampling, ec.reward_samples
             )
+            out |= {f"eval/reward/{k}": v for k, v in components.items()}  # each component's mean alone
             if reference.mode == "model":  # the frozen start model
                 n = ec.kl_prompts
                 seqs = answer_sequences(tokenizer, examples[:n], answers[:n])
