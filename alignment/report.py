@@ -60,19 +60,21 @@ def read_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def read_curves(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """metric -> (steps, values) from a metrics.jsonl. A resumed run logs some steps twice: the last wins.
-    A line cut short by a kill is left out."""
+def read_curves(path: Path) -> tuple[dict[str, tuple[list[int], list[float]]], int]:
+    """metric -> (steps, values) from a metrics.jsonl, and the number of unreadable lines left out (a kill
+    can cut a line short). A resumed run logs the steps after its checkpoint again: the last value wins."""
     by_step: dict[str, dict[int, float]] = {}
+    unreadable = 0
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            unreadable += 1
             continue
         for key, value in row.items():
             if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                 by_step.setdefault(key, {})[int(row["step"])] = float(value)
-    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by_step.items()}
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by_step.items()}, unreadable
 
 
 def metric_table(run: Path, stages: list[str], file: str, prefix: str = "") -> Table:
@@ -220,9 +222,14 @@ def write_report(run_dir: str | Path) -> Path:
 
     lines += ["## Training curves", ""]
     for s in stages:
-        drawn = plot_curves(s, read_curves(run / s / "metrics.jsonl"), plots / f"{s}.png")
-        if drawn:
+        curves, unreadable = read_curves(run / s / "metrics.jsonl")
+        if plot_curves(s, curves, plots / f"{s}.png"):
             lines += [f"### {s}", "", f"![{s}](plots/{s}.png)", ""]
+        if unreadable:
+            lines += [
+                f"{s}/metrics.jsonl: {unreadable} unreadable line(s) left out (cut short by a kill?)",
+                "",
+            ]
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -6,9 +6,13 @@ chain (recipes/chain_smoke.yaml) on tiny-qwen2."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,11 @@ if cfg.get("crash") and os.path.exists(cfg["calls"] + ".crash"):  # once: the sa
         os.makedirs(f"{out}/checkpoint-1")
         open(f"{out}/checkpoint-1/trainer_state.json", "w").write("{}")
     os.kill(os.getpid(), signal.SIGKILL)
+if cfg.get("linger"):  # leave a process behind that keeps the inherited file descriptors, as an orphan would
+    import subprocess
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    pid = subprocess.Popen(sleeper, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+    open(cfg["linger"], "w").write(str(pid))
 upstream = open(cfg["upstream"]).read() if cfg.get("upstream") else ""
 open(f"{out}/model.safetensors", "w").write(upstream + f"{cfg['name']}={cfg['value']};")
 """
@@ -253,9 +262,6 @@ def test_folders_the_chain_did_not_make_are_left_alone(tmp_path, capsys):
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path):
-    import fcntl
-    import os
-
     chain = make_chain(tmp_path)
     (tmp_path / "run").mkdir()
     fd = os.open(tmp_path / "run" / "chain.lock", os.O_RDWR | os.O_CREAT)
@@ -267,6 +273,29 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
         os.close(fd)
     assert ran(tmp_path) == []
     main([str(chain)])
+    assert ran(tmp_path) == ["a", "b", "c"]
+
+
+def test_a_process_a_stage_left_running_keeps_the_folder_locked(tmp_path):
+    # As after kill -9 of the chain: its stage lives on, holding the lock it inherited.
+    chain = make_chain(tmp_path)
+    pid_file = tmp_path / "sleeper.pid"
+    main([str(chain), f"stages.c.extra_overrides=[linger={pid_file}]"])
+    try:
+        with pytest.raises(SystemExit, match="is in use by another chain"):
+            main([str(chain), "stages.a.extra_overrides=[value=2]"])
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    fd = os.open(tmp_path / "run" / "chain.lock", os.O_RDWR)
+    for _ in range(100):  # until the killed sleeper has let go of the lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.1)
+    os.close(fd)
+    calls(tmp_path)
+    main([str(chain), "stages.a.extra_overrides=[value=2]"])
     assert ran(tmp_path) == ["a", "b", "c"]
 
 
@@ -363,7 +392,7 @@ def test_the_real_chain_on_tiny_models(tmp_path):
     a second run skips them all."""
     run = tmp_path / "chain"
     cmd = [sys.executable, "-m", "alignment.chain", "recipes/chain_smoke.yaml", f"run_dir={run}"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("sft", "reward", "dpo", "online_dpo"):

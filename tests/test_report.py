@@ -91,6 +91,9 @@ def test_the_plots_are_valid_images_linked_from_the_report(tmp_path):
             image.verify()
     # A stage that logged no curve (start, data) gets no plot.
     assert "### start" not in text
+    with open(run / "dpo" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # cut short by a kill: left out, and said so
+    assert "dpo/metrics.jsonl: 1 unreadable line(s) left out" in write_report(run).read_text()
 
 
 def test_a_missing_metric_is_drawn_as_missing_not_as_a_zero_bar():
@@ -125,7 +128,7 @@ def test_curves_read_the_last_value_of_a_step_logged_twice_and_skip_a_cut_line(t
     path.write_text(
         '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 2, "loss": 0.8}\n{"step": 3, "lo'
     )
-    assert read_curves(path) == {"loss": ([1, 2], [1.0, 0.8])}
+    assert read_curves(path) == ({"loss": ([1, 2], [1.0, 0.8])}, 1)  # the values, and one line left out
 
 
 def test_the_command_line_writes_the_report(tmp_path):
