@@ -207,7 +207,9 @@ def _key_parts(key: str, where: str) -> list[str | int]:
     for name in key.split("."):
         m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", name)
         if m is None:
-            raise ConfigError(f"{where}: override key {key!r}: write list items as name[index], e.g. rewards[0]")
+            raise ConfigError(
+                f"{where}: override key {key!r}: write list items as name[index], e.g. rewards[0]"
+            )
         parts.append(m.group(1))
         parts += [int(i) for i in re.findall(r"\d+", m.group(2))]
     return parts
@@ -268,10 +270,9 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
 
 def parse_cli(cls: type, argv: list[str]) -> Any:
     """``[recipe.yaml] [key=value ...]`` -> a checked config."""
-    if argv and argv[0] in ("-h", "--help"):
-        raise SystemExit(
-            f"usage: <script> [recipe.yaml] [key=value ...]\nschema: {cls.__name__}\n{describe(cls)}"
-        )
+    if argv and argv[0] in ("-h", "--help"):  # the schema on stdout, exit status 0, as argparse does
+        print(f"usage: <script> [recipe.yaml] [key=value ...]\nschema: {cls.__name__}\n{describe(cls)}")
+        raise SystemExit(0)
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path is not None else argv
     return load_config(cls, path, overrides)
