@@ -1,18 +1,27 @@
 """Held-out evaluation through the generation interface: what a stage bought and what it cost.
 
 - ``math_accuracy``: greedy answers to held-out math prompts, checked by the ``math`` reward (0/1 each).
+- ``ifeval_accuracy``: IFEval's two strict scores of answers to constraint prompts (reward/ifeval.py's checkers).
+- ``code_pass_at_1``: the share of coding problems whose every unit test passes in the sandbox.
+- ``win_rate`` / ``reward_model_win_rate``: how often a reward model prefers one model's answers to another's.
 - ``mean_reward``: fresh samples at the training temperature, scored by a composed reward (the online recipe's).
 - ``kl_to_reference``: the mean of sum_t log pi(y_t) - log pi_ref(y_t) over sampled answers y ~ pi, a
   Monte-Carlo estimate of KL(pi || pi_ref) per answer.
 - ``general_text_nll``: token-level NLL of held-out general English that ships with Python
   (``pydoc_data.topics``: the text of Python's help topics, PSF licence), the alignment tax on plain language.
 
-Every function takes the sampler (``alignment.generation``) or a log-prob function, never a trainer.
+Every function takes the sampler (``alignment.generation``), answers already sampled, or a log-prob function,
+never a trainer. ``cached_values`` keeps a baseline model's greedy answers (and a judge's scores of them) on
+disk under a ``cache_key`` of the weights, the prompts and the settings, so a chain of evaluations makes them once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,14 +48,17 @@ def sample(
     return generator.generate([encode_prompt(tokenizer, ex.prompt) for ex in examples], n, sampling)
 
 
+def greedy_answers(generator: Generator, tokenizer, examples, max_new_tokens: int) -> list[Completion]:
+    """One greedy (temperature 0) answer per prompt."""
+    greedy = SamplingConfig(0.0, max_new_tokens=max_new_tokens)
+    return [a[0] for a in sample(generator, tokenizer, examples, 1, greedy)]
+
+
 def math_accuracy(generator: Generator, tokenizer, examples, max_new_tokens: int) -> tuple[float, list]:
     """Greedy accuracy and the answers (one per prompt)."""
     from reward.math_reward import MathReward
 
-    answers = [
-        a[0]
-        for a in sample(generator, tokenizer, examples, 1, SamplingConfig(0.0, max_new_tokens=max_new_tokens))
-    ]
+    answers = greedy_answers(generator, tokenizer, examples, max_new_tokens)
     out = MathReward()(
         [ex.prompt for ex in examples],
         [a.text for a in answers],
@@ -74,6 +86,119 @@ def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: Sam
                 parts.setdefault(label, []).append(v)
     components = {k: sum(v) / len(v) for k, v in sorted(parts.items())}
     return (sum(scores) / len(scores) if scores else float("nan")), answers, components
+
+
+def ifeval_accuracy(texts: list[str], examples) -> tuple[float, float]:
+    """IFEval's strict scores of answers (one per example; constraints in the ``constraints`` column):
+
+        prompt level (the strict pass rate):  (1/N) sum_i prod_k 1[answer i satisfies constraint k of row i]
+        instruction level:                    sum_i sum_k 1[...] / sum_i K_i   (each constraint on its own)
+
+    A row whose constraints are unusable raises ValueError naming the row (that is bad data, not a bad answer).
+    """
+    from reward.ifeval import check_constraint, parse_constraints
+
+    results = []
+    for i, (text, ex) in enumerate(zip(texts, examples)):
+        try:
+            constraints = parse_constraints(ex.columns.get("constraints"))
+            if not constraints:
+                raise ValueError("the row has no constraints")
+            results.append([check_constraint(text, c, k) for k, c in enumerate(constraints)])
+        except ValueError as e:
+            raise ValueError(f"row {i + 1}: field 'constraints': {e}") from None
+    flat = [ok for row in results for ok in row]
+    return sum(all(r) for r in results) / max(1, len(results)), sum(flat) / max(1, len(flat))
+
+
+def code_pass_at_1(texts: list[str], examples, reward) -> tuple[float, list[str]]:
+    """pass@1 of one answer per problem: the share of problems whose every unit test passes, run in the
+    sandbox by ``reward`` (a ``reward.code_reward.CodeReward``; the row's ``tests``, ``entry_point`` and
+    ``code_prefix`` columns). A problem the sandbox could not run at all is left out, never counted as a fail:
+    -> (rate over the problems judged, NaN when none was; the reason for each problem left out)."""
+    columns = {
+        k: [ex.columns.get(k) for ex in examples] for k in set().union(*(ex.columns for ex in examples))
+    }
+    out = reward([ex.prompt for ex in examples], list(texts), **columns)
+    judged = [s for s in out.scores if s is not None]
+    unjudged = [r or "no reason given" for s, r in zip(out.scores, out.reasons) if s is None]
+    return (sum(s == 1.0 for s in judged) / len(judged) if judged else math.nan), unjudged
+
+
+def win_rate(scores: list[float | None], baseline: list[float | None]) -> tuple[float, int]:
+    """Share of prompts where the answer outscores the baseline's answer to the same prompt:
+
+        win_rate = (1/N) sum_i ( 1[s_i > b_i] + 0.5 * 1[s_i == b_i] )
+
+    over the N prompts where both scores exist (a None on either side leaves the prompt out).
+    -> (win rate, N); NaN when N is 0."""
+    pairs = [(s, b) for s, b in zip(scores, baseline) if s is not None and b is not None]
+    wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in pairs)
+    return (wins / len(pairs) if pairs else math.nan), len(pairs)
+
+
+def reward_model_win_rate(
+    scorer, prompts: list, texts: list[str], baseline: list[str], baseline_scores: list[float | None]
+) -> tuple[float, int]:
+    """``win_rate`` of answers against baseline answers (one each per prompt) as ``scorer`` (a reward with the
+    common interface, e.g. ``reward.model.RewardModelScorer``) judges them, given the baseline's scores (so a
+    chain of evaluations scores the baseline once). An answer identical to the baseline's takes its score, an
+    exact tie: a reward model's score of one text moves in its last bits with the texts batched with it."""
+    todo = [i for i, (t, b) in enumerate(zip(texts, baseline)) if t != b]
+    out = scorer([prompts[i] for i in todo], [texts[i] for i in todo])
+    scores = list(baseline_scores)
+    for i, s in zip(todo, out.scores):
+        scores[i] = s
+    return win_rate(scores, baseline_scores)
+
+
+# Files that make a model's outputs what they are: weights, config, tokenizer and chat template.
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json", "adapter_config.json", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja")  # fmt: skip
+CACHE_VERSION = 1
+
+
+def fingerprint_weights(model_path: str) -> str:
+    """sha256 over a model folder's weight, config and tokenizer files (names, sizes, bytes; about 1 s per GB),
+    without loading the model. A name that is not a local folder (a hub id) is fingerprinted by the name alone."""
+    folder = Path(model_path)
+    h = hashlib.sha256()
+    if not folder.is_dir():
+        h.update(f"name:{model_path}".encode())
+        return h.hexdigest()
+    files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size}:".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(*parts) -> str:
+    """Key of cached outputs: a sha256 of everything that makes them (fingerprints, prompt ids, settings)."""
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_values(path: Path, key: str, n: int, compute: Callable[[], list]) -> tuple[list, bool]:
+    """The n values (answers, scores) stored in ``path`` under ``key``, else ``compute()``'s, stored there
+    (written to a temporary name and renamed, so a crash leaves no half-written file).
+    -> (values, whether the file was used). A damaged file, or one with another key or count, is reported and
+    replaced, never trusted."""
+    if path.is_file():
+        try:
+            blob = json.loads(path.read_text())
+            if blob["key"] == key and len(blob["values"]) == n:
+                return list(blob["values"]), True
+            print(f"[eval] cache {path} does not match its key; computing again", flush=True)
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"[eval] cache {path} is damaged ({type(e).__name__}); computing again", flush=True)
+    values = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "values": values}))
+    os.replace(tmp, path)
+    return values, False
 
 
 def answer_sequences(tokenizer, examples, answers: list[list[Completion]]) -> list[Sequence]:
