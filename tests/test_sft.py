@@ -114,7 +114,14 @@ def test_lr_schedule_peaks_at_7e6_and_ends_at_7e7():
 
 
 def test_lr_schedule_in_a_real_run(tmp_path):
-    out = run_sft(tmp_path, "run", "optimizer.lr=7e-6", "scheduler.min_lr=7e-7", "training.max_steps=5")
+    out = run_sft(
+        tmp_path,
+        "run",
+        "optimizer.lr=7e-6",
+        "scheduler.min_lr=7e-7",
+        "scheduler.warmup_steps=0",
+        "training.max_steps=5",
+    )
     lrs = [m["learning_rate"] for m in read_metrics(out)]
     assert lrs[0] == pytest.approx(7e-6) and lrs[-1] == pytest.approx(7e-7)
 
