@@ -7,7 +7,7 @@ ACCELERATE := $(BIN)/accelerate launch
 # Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
 ARGS ?=
 
-.PHONY: help install install-gpu data sft dpo reward online-dpo chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
+.PHONY: help install install-gpu data sft dpo reward online-dpo eval chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -53,6 +53,10 @@ outputs/reward/model.safetensors:
 
 online-dpo: outputs/dpo/model.safetensors outputs/reward/model.safetensors  ## online DPO with vLLM from outputs/dpo, judged by outputs/reward -> outputs/online_dpo
 	$(ACCELERATE) alignment/online_dpo.py recipes/online_dpo.yaml $(ARGS)
+
+MODEL ?= outputs/sft
+eval:  ## held-out evaluation of one model (MODEL=outputs/sft by default) -> $(MODEL)/eval.json
+	$(PY) -m alignment.eval recipes/eval.yaml model=$(MODEL) $(ARGS)
 
 chain:  ## the whole chain: data, SFT, reward model, DPO, online DPO, evaluations, report -> outputs/chain
 	$(PY) -m alignment.chain recipes/chain.yaml $(ARGS)
