@@ -72,7 +72,9 @@ def test_an_override_reaches_into_a_list_item(tmp_path):
     # The chain points online DPO's reward model at its own run: rewards[0].params.name_or_path.
     from alignment.config import apply_override
 
-    data = load_yaml("rewards:\n  - {name: reward_model, params: {name_or_path: outputs/reward}}\n  - {name: math}\n")
+    data = load_yaml(
+        "rewards:\n  - {name: reward_model, params: {name_or_path: outputs/reward}}\n  - {name: math}\n"
+    )
     apply_override(data, "rewards[0].params.name_or_path=outputs/chain/reward")
     apply_override(data, "rewards[1].weight=0.5")
     assert data["rewards"] == [
