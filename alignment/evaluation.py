@@ -79,13 +79,18 @@ def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: Sam
     }
     out = reward(prompts, [c.text for a in answers for c in a], **columns)
     scores = [s for s in out.scores if s is not None]
-    parts: dict[str, list[float]] = {}
-    for d in out.details:
-        for label, v in (d.get("components") or {}).items():
-            if v is not None:
-                parts.setdefault(label, []).append(v)
-    components = {k: sum(v) / len(v) for k, v in sorted(parts.items())}
+    components = {}
+    for label, values in reward_components(out).items():
+        vs = [v for v in values if v is not None]
+        if vs:
+            components[label] = sum(vs) / len(vs)
     return (sum(scores) / len(scores) if scores else float("nan")), answers, components
+
+
+def reward_components(scored) -> dict[str, list]:
+    """Each component's score per item of a composed reward's output, by label (None where it did not judge)."""
+    labels = {lab for d in scored.details for lab in d.get("components", {})}
+    return {lab: [d.get("components", {}).get(lab) for d in scored.details] for lab in sorted(labels)}
 
 
 def ifeval_accuracy(texts: list[str], examples) -> tuple[float, float]:

@@ -60,6 +60,7 @@ from alignment.evaluation import (
     load_prompts,
     math_accuracy,
     mean_reward,
+    reward_components,
 )
 from alignment.generation import GenerationConfig, SamplingConfig, make_generator
 from alignment.logprobs import TokenLogProbs
@@ -316,7 +317,7 @@ def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
     """Scores, pairs and answer statistics of every process together."""
     valid = [x for x in scored.scores if x is not None]
     per_prompt = [[x for x in s if x is not None] for s in scores]
-    components = _components(scored)
+    components = reward_components(scored)
     local = {
         "score_sum": sum(valid), "score_n": len(valid),
         "max_sum": sum(max(p) for p in per_prompt if p), "min_sum": sum(min(p) for p in per_prompt if p),
@@ -488,11 +489,6 @@ def _one(seq, device):
         t.to(device)
         for t in (torch.tensor([seq.input_ids]), torch.arange(n)[None], torch.tensor([seq.labels]))
     )
-
-
-def _components(scored) -> dict[str, list]:
-    labels = {lab for d in scored.details for lab in d.get("components", {})}
-    return {lab: [d.get("components", {}).get(lab) for d in scored.details] for lab in sorted(labels)}
 
 
 def _sum_dicts(parts: list[dict]) -> dict:
