@@ -12,6 +12,7 @@ Built-in names need no network. They are built once into the cache (``$ALIGNMENT
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import importlib.util
 import os
@@ -304,6 +305,7 @@ def _load_adapter_merged(path: str, cfg: ModelConfig, max_length: int):
     from peft import PeftModel
 
     base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    plain = ModelConfig(**{**cfg.__dict__, "lora": None, "gradient_checkpointing": False})
+    # replace, not ModelConfig(...): an entry point's subclass (SFT's) carries keys of its own
+    plain = dataclasses.replace(cfg, lora=None, gradient_checkpointing=False)
     model = load_causal_lm(plain, max_length, base, trainable=False)
     return PeftModel.from_pretrained(model, path).merge_and_unload()

@@ -11,7 +11,10 @@ Tiny CPU smoke run (seconds):
 What it does: loss on assistant tokens only (the label of every other token is -100), examples packed into
 sequences of ``data.max_length`` tokens with no attention across examples (position_ids restart per example),
 cosine LR from ``optimizer.lr`` to ``scheduler.min_lr``, gradient clipping, optional gradient checkpointing,
-YaRN RoPE scaling and LoRA; resumable checkpoints; a standard HF folder at the end.
+YaRN RoPE scaling and LoRA; resumable checkpoints; a standard HF folder at the end. On a mixture-of-experts
+model (e.g. tiny-qwen2-moe, or a model from ``python -m alignment.upcycle``) the router load-balancing loss
+(Qwen2-MoE's form, alignment/moe.py) is added with weight ``model.router_aux_loss_coef`` and logged as
+``aux_loss`` with the expert load (``moe/load_max``, ``moe/load_min``); ``loss`` stays the NLL alone.
 
 Deliberate simplifications: the whole dataset is tokenized in memory in every process (fine up to a few
 hundred thousand examples); no evaluation loop yet (the whole-chain recipe will add per-stage evaluation).
@@ -42,8 +45,8 @@ from alignment.config import (
 )
 from alignment.data import DataReport, Sequence, collate, fit_length, load_examples, normalize_sft_row, pack
 from alignment.data import tokenize_conversation as tokenize
-from alignment.logprobs import TokenLogProbs
 from alignment.models import load_causal_lm, load_tokenizer
+from alignment.moe import RoutedTokenLogProbs, RouterBalance
 from alignment.tracking import make_tracker
 from alignment.training import (
     build_optimizer,
@@ -67,8 +70,15 @@ class SFTDataConfig(DataConfig):
 
 
 @dataclass
+class SFTModelConfig(ModelConfig):
+    # Mixture-of-experts models only: the weight of the router load-balancing loss added to the NLL.
+    # null: the model's own (config.router_aux_loss_coef; 0.001 for Qwen2-MoE); 0: off (the load is still logged).
+    router_aux_loss_coef: float | None = None
+
+
+@dataclass
 class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -115,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     print0(accelerator, f"[data] {len(items)} sequences, {n_tokens} tokens, {len(plan)} optimizer steps")
 
     model = load_causal_lm(cfg.model, cfg.data.max_length)
+    balance = RouterBalance(model.config, cfg.model.router_aux_loss_coef)  # adds nothing on a dense model
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
-    policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
+    policy, optimizer = accelerator.prepare(RoutedTokenLogProbs(model, tc.logits_chunk_size), optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not `prepare`d: it would step once per process
 
     start = resume_step(accelerator, tc)
@@ -130,14 +141,18 @@ def main(argv: list[str] | None = None) -> None:
         # Normalise by the global batch's label count: every process and micro-batch uses the same divisor,
         # so 2 processes x 1 micro-batch and 1 process x 2 micro-batches give the same gradient.
         n_labels = sum(s.num_labels for item in global_items for s in item)
+        step_tokens = sum(len(s.input_ids) for item in global_items for s in item)
         micro = plan.micro_batches(step, rank, world, tc.gradient_accumulation_steps)
         nll_sum = torch.zeros((), device=accelerator.device)
         for k, idxs in enumerate(micro):
             batch = collate([s for i in idxs for s in items[i]]).to(accelerator.device)
             sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(policy)
             with sync, accelerator.autocast():
-                logps = policy(batch.input_ids, batch.position_ids, batch.labels)  # (N,) labelled tokens
-                loss = -logps.sum() / n_labels * world  # DDP averages gradients over processes
+                # (N,) labelled tokens; router logits: one (T, E) per MoE layer, () for a dense model
+                logps, router_logits = policy(batch.input_ids, batch.position_ids, batch.labels)
+                share = batch.input_ids.numel() / step_tokens  # this micro-batch's part of the global batch
+                loss = -logps.sum() / n_labels + balance.loss(router_logits, share)
+                loss = loss * world  # DDP averages gradients over processes
                 accelerator.backward(loss)
             nll_sum += -logps.detach().sum()
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
@@ -146,13 +161,14 @@ def main(argv: list[str] | None = None) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # Metrics of the whole global batch (one all-reduce of a scalar).
+        # Metrics of the whole global batch (all-reduces of a few scalars).
         loss_value = accelerator.reduce(nll_sum, reduction="sum").item() / n_labels
-        step_tokens = sum(len(s.input_ids) for item in global_items for s in item)
+        moe_metrics = balance.metrics(accelerator)  # {} for a dense model
         tokens_per_s = step_tokens / (time.perf_counter() - t0)
         if (step + 1) % tc.logging_steps == 0 or step == len(plan) - 1:
             metrics = {"loss": loss_value, "learning_rate": lr, "grad_norm": float(grad_norm)}
             metrics |= {"tokens_per_second": tokens_per_s, "epoch": (step + 1) / plan.steps_per_epoch}
+            metrics |= moe_metrics
             tracker.log(metrics, step + 1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         bar.update(1)
