@@ -343,16 +343,46 @@ class RopeScalingConfig:
 
 
 @dataclass
+class DCAConfig:
+    """Dual Chunk Attention (alignment/dca.py) for inputs longer than the model's native window, at inference.
+
+    Chunks of ``chunk_size - local_size`` tokens; no relative position exceeds ``chunk_size``, which must stay
+    below the native window. null: ChunkLlama's defaults, 3/4 of the native window and 1/16 of it.
+    """
+
+    chunk_size: int | None = None
+    local_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ValueError(f"dca.chunk_size must be positive, got {self.chunk_size}")
+        if self.local_size is not None and self.local_size <= 0:
+            raise ValueError(f"dca.local_size must be positive, got {self.local_size}")
+
+
+@dataclass
 class ModelConfig:
     # A built-in name (smollm2-135m-instruct, tiny-qwen2, tiny-qwen2-moe), a local HF folder, or a hub id.
     name_or_path: str = "smollm2-135m-instruct"
     # Weights are loaded in this dtype. Mixed precision is `training.mixed_precision`.
     dtype: Literal["float32", "bfloat16"] = "float32"
     # auto: flash_attention_2 on CUDA when installed, else our packed SDPA (exact, no attention across examples).
-    attn_implementation: Literal["auto", "packed_sdpa", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # dca: Dual Chunk Attention for long inputs (inference and evaluation only; settings under `dca`).
+    attn_implementation: Literal["auto", "packed_sdpa", "flash_attention_2", "sdpa", "eager", "dca"] = "auto"
     rope_scaling: RopeScalingConfig | None = None
+    # Only with attn_implementation: dca (null there: DCAConfig's defaults).
+    dca: DCAConfig | None = None
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dca is not None and self.attn_implementation != "dca":
+            raise ValueError(
+                f"model.dca is set but model.attn_implementation is {self.attn_implementation}; "
+                "set attn_implementation: dca, or dca: null"
+            )
+        if self.attn_implementation == "dca" and self.dca is None:
+            self.dca = DCAConfig()
 
 
 @dataclass

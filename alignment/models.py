@@ -228,6 +228,10 @@ def pick_attn_implementation(requested: str) -> str:
         requested = "packed_sdpa"
     if requested == "packed_sdpa":
         register_packed_sdpa()
+    if requested == "dca":
+        from alignment.dca import register_dca
+
+        register_dca()
     return requested
 
 
@@ -262,6 +266,12 @@ def load_causal_lm(
         model = _load_adapter_merged(path, cfg, max_length)
     else:
         config = AutoConfig.from_pretrained(path)
+        if cfg.attn_implementation == "dca":  # before YaRN stretches max_position_embeddings
+            from alignment.dca import dca_settings, native_window
+
+            if trainable:
+                raise ValueError("model.attn_implementation: dca is for inference and evaluation; train with auto")
+            config.dca = dca_settings(cfg.dca, native_window(config, cfg.rope_scaling))
         rope = yarn_rope_parameters(config, cfg, max_length)
         if rope is not None:
             config.rope_parameters = rope
