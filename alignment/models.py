@@ -270,7 +270,9 @@ def load_causal_lm(
             from alignment.dca import dca_settings, native_window
 
             if trainable:
-                raise ValueError("model.attn_implementation: dca is for inference and evaluation; train with auto")
+                raise ValueError(
+                    "model.attn_implementation: dca is for inference and evaluation; train with auto"
+                )
             config.dca = dca_settings(cfg.dca, native_window(config, cfg.rope_scaling))
         rope = yarn_rope_parameters(config, cfg, max_length)
         if rope is not None:
