@@ -58,6 +58,17 @@ for _first in list("-+0123456789."):
         if tag != "tag:yaml.org,2002:float"
     ]
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+# Booleans as YAML 1.2 has them: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, so
+# `training.mixed_precision=no` became False and failed against the choices 'no' / 'bf16'.
+for _first in list("yYnNoOtTfF"):
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, rx)
+        for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, [])
+        if tag != "tag:yaml.org,2002:bool"
+    ]
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml(text: str, source: str = "<string>") -> Any:

@@ -36,6 +36,19 @@ def test_scientific_notation_without_dot_is_a_float():
     assert load_yaml("a: 1E5\nb: 3\nc: .5\nd: '7e-6'") == {"a": 1e5, "b": 3, "c": 0.5, "d": "7e-6"}
 
 
+def test_yaml_booleans_are_only_true_and_false():
+    # YAML 1.1 reads no/yes/on/off as booleans: `training.mixed_precision=no` then failed as False.
+    assert load_yaml("a: no\nb: yes\nc: off\nd: true\ne: False") == {
+        "a": "no",
+        "b": "yes",
+        "c": "off",
+        "d": True,
+        "e": False,
+    }
+    cfg = parse_cli(SFTConfig, ["recipes/sft.yaml", "training.mixed_precision=no"])
+    assert cfg.training.mixed_precision == "no"
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     p = write(tmp_path, "required: 1\ninner:\n  lr: 1.0\n  nmae: y\n")
     with pytest.raises(ConfigError, match=r"r\.yaml: inner\.nmae: unknown key .*lr, name"):
