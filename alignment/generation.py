@@ -19,7 +19,9 @@ Backends:
   prompts and ``return_token_ids``; a push writes the weights as safetensors into ``weights_dir`` (a path the
   server can read: the same machine or a shared file system), then calls ``/collective_rpc`` with
   ``reload_weights(weights_path=...)`` and ``/reset_prefix_cache``.
-- ``transformers``: ``model.generate`` on a private copy of the policy; the fallback when vLLM is absent.
+- ``transformers``: ``model.generate`` on a private copy of the policy; the fallback when vLLM is absent. With
+  ``model_cfg`` it loads through ``load_causal_lm`` with those settings: Dual Chunk Attention and YaRN for
+  prompts past the native window (``model.attn_implementation: dca``) run on this backend only.
 
 ``sequence_logprobs`` gives the engine's own log-probabilities of given answers, so a caller can check that
 the engine samples from the weights it was last given (online DPO logs the difference).
@@ -114,10 +116,18 @@ def vllm_available() -> bool:
 
 
 def make_generator(
-    cfg: GenerationConfig, model_path: str, tokenizer, policy_dtype: str = "float32"
+    cfg: GenerationConfig, model_path: str, tokenizer, policy_dtype: str = "float32", model_cfg=None
 ) -> Generator:
-    """The backend the config names; ``auto`` falls back to transformers when vLLM does not import."""
+    """The backend the config names; ``auto`` falls back to transformers when vLLM does not import.
+
+    ``model_cfg`` (a ``ModelConfig``): how the transformers backend loads the model (attention, YaRN).
+    """
     backend = cfg.backend
+    if model_cfg is not None and backend != "transformers":
+        raise ValueError(
+            f"generation.backend {backend}: model settings (attn_implementation {model_cfg.attn_implementation}) "
+            "apply to the transformers backend only; set generation.backend: transformers"
+        )
     if backend == "auto":
         backend = "vllm" if vllm_available() else "transformers"
         if backend == "transformers":
@@ -129,7 +139,7 @@ def make_generator(
         return VLLMGenerator(cfg, model_path, tokenizer, dtype)
     if backend == "vllm_server":
         return VLLMServerGenerator(cfg, tokenizer)
-    return TransformersGenerator(cfg, model_path, tokenizer, dtype)
+    return TransformersGenerator(cfg, model_path, tokenizer, dtype, model_cfg)
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -344,10 +354,18 @@ def wait_for_server(url: str, timeout_s: float = 600.0, proc=None) -> None:
 class TransformersGenerator:
     name = "transformers"
 
-    def __init__(self, cfg: GenerationConfig, model_path: str, tokenizer, dtype: str):
+    def __init__(self, cfg: GenerationConfig, model_path: str, tokenizer, dtype: str, model_cfg=None):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        if model_cfg is None:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        else:  # generate keeps its KV cache although load_causal_lm sets config.use_cache = False
+            from dataclasses import replace
+
+            from alignment.models import load_causal_lm
+
+            model_cfg = replace(model_cfg, dtype=dtype)
+            self.model = load_causal_lm(model_cfg, cfg.max_model_len, model_path, trainable=False)
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(tokenizer)
         self.generator = torch.Generator().manual_seed(cfg.seed)
