@@ -29,7 +29,7 @@ from alignment.data import IGNORE, PairSequences, collate
 from alignment.logprobs import TokenLogProbs
 from alignment.models import cache_dir, load_causal_lm
 from alignment.reference import cache_key, cached_reference_logps, fingerprint_model, fingerprint_pairs
-from alignment.training import print0
+from alignment.training import print0, resolve_mixed_precision
 
 
 @dataclass
@@ -193,7 +193,7 @@ def build_reference(
 
 def _precompute(ref_cfg, model_cfg, tc, frozen, pairs, accelerator) -> torch.Tensor:
     """Every process computes its share, all gather, the main process writes the cache."""
-    settings = {"dtype": model_cfg.dtype, "mixed_precision": tc.mixed_precision}
+    settings = {"dtype": model_cfg.dtype, "mixed_precision": resolve_mixed_precision(tc.mixed_precision)}
     key = cache_key(fingerprint_model(frozen.model), fingerprint_pairs(pairs), settings)
     path = Path(ref_cfg.cache_dir or cache_dir() / "reference_logps") / f"{key}.pt"
 

@@ -7,7 +7,9 @@ Every task has a computed gold answer, so the same generators give
   result and ends "The answer is X.";
 - preference pairs (``data/preference/train.jsonl``, ``prompt``/``chosen``/``rejected``): the correct worked
   answer is chosen, a plausible wrong one (an off-by-some result, a carry error, a miscount) is rejected;
-- prompts with gold answers (``data/prompts/train.jsonl``) for online DPO and rejection sampling.
+- prompts with gold answers (``data/prompts/train.jsonl``) for online DPO and rejection sampling;
+- a validation split (``data/dev/math.jsonl``): fresh multi-step problems from the same generators, for tuning
+  recipes (``python -m alignment.eval recipes/eval.yaml math.path=data/dev/math.jsonl``).
 
 The three use disjoint prompts (the generator never repeats a prompt across files). The held-out evaluation
 sets live apart in ``data/eval`` (``python -m data_synthesis.make_eval_sets``) and use other templates.
@@ -349,6 +351,23 @@ def prompt_rows(tasks: list[tuple[str, Task]]) -> list[dict]:
     ]
 
 
+def dev_rows(rng: random.Random, per_family: int, seen: set[str]) -> list[dict]:
+    """A validation split for tuning: fresh multi-step problems from the training generators (never a training
+    prompt). Recipes are tuned on it; the held-out sets of data/eval are for measuring only."""
+    rows = []
+    for kind in MULTI_STEP:
+        for _ in range(per_family):
+            prompt, _answer, gold, _wrong = TASKS[kind](rng)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            rows.append(
+                {"id": f"dev-{len(rows):04d}", "prompt": [{"role": "user", "content": prompt}], "answer": gold,
+                 "task": kind}
+            )
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -364,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sft", type=int, default=800, help="SFT demonstrations")
     ap.add_argument("--preference", type=int, default=300, help="preference pairs")
     ap.add_argument("--prompts", type=int, default=200, help="prompts with gold answers")
+    ap.add_argument("--dev", type=int, default=25, help="validation problems per multi-step family")
     args = ap.parse_args(argv)
 
     rng = random.Random(args.seed)
@@ -372,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(out / "sft" / "train.jsonl", sft_rows(generate(args.sft, rng, seen), rng))
     write_jsonl(out / "preference" / "train.jsonl", preference_rows(generate(args.preference, rng, seen)))
     write_jsonl(out / "prompts" / "train.jsonl", prompt_rows(generate(args.prompts, rng, seen)))
+    # Its own stream, so the training files stay the same whatever its size.
+    write_jsonl(out / "dev" / "math.jsonl", dev_rows(random.Random(args.seed + 999), args.dev, seen))
 
 
 if __name__ == "__main__":

@@ -207,6 +207,16 @@ def test_training_files_use_disjoint_prompts():
     assert not files["preference"] & files["prompts"]
 
 
+def test_dev_split_is_fresh_solvable_and_apart_from_training():
+    """data/dev/math.jsonl tunes recipes: problems from the training generators, none of them a training prompt."""
+    data = rows(DATA / "dev" / "math.jsonl")
+    prompts = [user_text(r["prompt"]) for r in data]
+    assert len(data) >= 180 and len(set(prompts)) == len(prompts)
+    assert not set(prompts) & set().union(*training_prompts().values())
+    for row, prompt in zip(data, prompts):
+        assert row["answer"] == solve(prompt), row
+
+
 @pytest.mark.parametrize("name", ["math", "ifeval", "code"])
 def test_eval_sets_are_disjoint_from_training_and_use_other_templates(name):
     seen = set().union(*training_prompts().values())
