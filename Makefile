@@ -7,7 +7,7 @@ ACCELERATE := $(BIN)/accelerate launch
 # Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
 ARGS ?=
 
-.PHONY: help install install-gpu data sft dpo reward online-dpo eval chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
+.PHONY: help install install-gpu data sft dpo reward online-dpo eval upcycle chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -57,6 +57,9 @@ online-dpo: outputs/dpo/model.safetensors outputs/reward/model.safetensors  ## o
 MODEL ?= outputs/sft
 eval:  ## held-out evaluation of one model (MODEL=outputs/sft by default) -> $(MODEL)/eval.json
 	$(PY) -m alignment.eval recipes/eval.yaml model=$(MODEL) $(ARGS)
+
+upcycle:  ## upcycle SmolLM2-135M into a fine-grained MoE (recipes/upcycle.yaml) -> outputs/upcycle
+	$(PY) -m alignment.upcycle recipes/upcycle.yaml $(ARGS)
 
 chain:  ## the whole chain: data, SFT, reward model, DPO, online DPO, evaluations, report -> outputs/chain
 	$(PY) -m alignment.chain recipes/chain.yaml $(ARGS)

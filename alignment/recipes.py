@@ -21,6 +21,7 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     "chain_adamw.yaml": ("alignment.chain", "ChainOverlayConfig"),
     "chain_smoke.yaml": ("alignment.chain", "ChainOverlayConfig"),
     "eval.yaml": ("alignment.eval", "EvalConfig"),
+    "upcycle.yaml": ("alignment.upcycle", "UpcycleConfig"),
     "rejection_sampling.yaml": ("data_synthesis.rejection_sampling", "RejectionSamplingConfig"),
 }
 
