@@ -4,9 +4,10 @@
     python bench/bench_upcycle.py --model tiny-qwen2 --experts 8 --expert-size 64 --top-k 2 --steps 2 \
         --heldout 16 --max-length 256                 # tiny CPU smoke run (about a minute)
 
-The README's upcycling figure. Three models get the same SFT budget (``alignment/sft.py`` with recipes/sft.yaml's
-settings: AdamW, lr 3e-5 with 2 warm-up steps and cosine decay to 3e-6, weight decay 0.1, clipping at 1.0;
-``--steps`` optimizer steps of ``--batch`` packs of ``--max-length`` tokens, the same data in the same order):
+The README's upcycling figure. Three models get the same SFT budget: ``alignment/sft.py`` with the SFT recipe
+(``--recipe``, copied into ``--out`` first so that all three runs read the same file; its optimizer, schedule
+and precision are printed and saved with the results), ``--steps`` optimizer steps of ``--batch`` packs of
+``--max-length`` tokens, the same data in the same order:
 
 - ``dense``: the model itself;
 - ``upcycled``: ``python -m alignment.upcycle`` of it (the report's recipe; half of each expert redrawn);
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +45,19 @@ def split_data(out: Path, heldout: int, seed: int) -> tuple[Path, Path]:
     train.write_text("\n".join(rows[heldout:]) + "\n")
     held.write_text("\n".join(rows[:heldout]) + "\n")
     return train, held
+
+
+def recipe_settings(recipe: Path) -> dict:
+    """What the SFT runs train with: the recipe's optimizer, schedule and precision, as its schema reads them."""
+    from alignment.config import load_config, to_dict
+    from alignment.sft import SFTConfig
+
+    cfg = to_dict(load_config(SFTConfig, recipe))
+    return {
+        "optimizer": cfg["optimizer"]["name"], "lr": cfg["optimizer"]["lr"],
+        "weight_decay": cfg["optimizer"]["weight_decay"], "scheduler": cfg["scheduler"],
+        "max_grad_norm": cfg["training"]["max_grad_norm"], "mixed_precision": cfg["training"]["mixed_precision"],
+    }  # fmt: skip
 
 
 def make_models(args, out: Path) -> dict[str, str]:
@@ -112,15 +127,23 @@ def heldout_loss(path: str, data: Path, max_length: int) -> tuple[float, dict[st
     return nll / n, parameter_counts(model)
 
 
-def train(name: str, start: str, data: Path, args, out: Path) -> dict:
-    run = out / f"sft-{name}"
-    cmd = [
-        sys.executable, str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"),
+def sft_overrides(start: str, data: Path, args, run: Path) -> list[str]:
+    return [
         f"model.name_or_path={start}", f"data.sources=[{{path: {data}}}]", f"data.max_length={args.max_length}",
         f"training.max_steps={args.steps}", f"training.per_device_batch_size={args.batch}",
         f"training.logits_chunk_size={args.max_length}", "logging.report_to=[]", "logging.progress_bar=false",
         f"training.output_dir={run}",
     ]  # fmt: skip
+
+
+def train(name: str, start: str, recipe: Path, data: Path, args, out: Path) -> dict:
+    run = out / f"sft-{name}"
+    cmd = [
+        sys.executable,
+        str(REPO / "alignment/sft.py"),
+        str(recipe),
+        *sft_overrides(start, data, args, run),
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -134,6 +157,7 @@ def train(name: str, start: str, data: Path, args, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--recipe", default=str(REPO / "recipes/sft.yaml"))
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--expert-size", type=int, default=None, help="hE; default: a quarter of the dense FFN")
     p.add_argument("--top-k", type=int, default=4)
@@ -149,17 +173,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     train_data, held = split_data(out, args.heldout, args.seed)
+    recipe = out / "sft_recipe.yaml"
+    shutil.copyfile(args.recipe, recipe)
+    settings = recipe_settings(recipe)
+    print(f"[bench] SFT settings: {json.dumps(settings)}", flush=True)
     starts = make_models(args, out)
     results = {}
     for name in args.only:
         before, params = heldout_loss(starts[name], held, args.max_length)
-        run = train(name, starts[name], train_data, args, out)
+        run = train(name, starts[name], recipe, train_data, args, out)
         after, _ = heldout_loss(run["path"], held, args.max_length)
         results[name] = {"heldout_before": before, "heldout_after": after, **params, **run}
         print(
             f"[bench] {name}: held-out {before:.4f} -> {after:.4f}  {json.dumps(results[name])}", flush=True
         )
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"args": vars(args), "sft": settings, "results": results}, indent=2)
+    )
     print("\n| start | parameters (active) | held-out loss before | after | SFT tokens/s |")
     print("| --- | --- | --- | --- | --- |")
     for name, r in results.items():
