@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     copies = num_copies(c.num_experts, c.moe_intermediate_size, c.intermediate_size)
     n_dense = sum(p.numel() for p in dense.parameters())
     n_moe = sum(p.numel() for p in moe.parameters())
+    # A token uses all but the n - k routed experts it is not sent to.
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    n_active = n_moe - c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(out, safe_serialization=True)
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"[upcycle] {cfg.model}: {c.num_hidden_layers} layers, FFN {c.intermediate_size} -> {copies} copies -> "
         f"{c.num_experts} experts of {c.moe_intermediate_size} (top-{c.num_experts_per_tok}) + a shared expert; "
-        f"{n_dense / 1e6:.1f} M -> {n_moe / 1e6:.1f} M parameters; saved {out}",
+        f"{n_dense / 1e6:.1f} M -> {n_moe / 1e6:.1f} M parameters ({n_active / 1e6:.1f} M per token); saved {out}",
         flush=True,
     )
 
