@@ -46,6 +46,8 @@ def run_dpo(tmp_path: Path, name: str, *overrides: str, data=None) -> Path:
         [
             str(REPO / "recipes/dpo.yaml"),
             "model.name_or_path=tiny-qwen2",
+            "training.mixed_precision=no",  # the recipe's auto is bf16 on some CPUs
+            "loss.nll_weight=0.0",  # the plain DPO loss; tests that want the NLL term set it
             f"data.sources=[{{path: {data}}}]",
             "data.max_length=64",
             "training.per_device_batch_size=2",
@@ -79,6 +81,7 @@ def launch_two(overrides: list[str], output_dir: Path) -> str:
 def common_args(tmp_path: Path, data: Path, cache: Path) -> list[str]:
     return [
         "model.name_or_path=tiny-qwen2", f"data.sources=[{{path: {data}}}]", "data.max_length=64",
+        "training.mixed_precision=no", "loss.nll_weight=0.0",
         "training.max_steps=3", "optimizer.lr=5e-4", "scheduler.min_lr=5e-5", f"loss.beta={BETA}",
         "logging.report_to=[]", "logging.progress_bar=false", "training.per_device_batch_size=2",
         f"reference.cache_dir={cache}",

@@ -248,6 +248,7 @@ def test_reward_model_held_out_pairs_are_disjoint_from_its_training_pairs(monkey
         [
             str(REPO / "recipes/reward.yaml"),
             "model.name_or_path=tiny-qwen2",
+            "training.mixed_precision=no",
             "training.num_epochs=1",
             "training.per_device_batch_size=27",  # 270 training pairs: one epoch is 10 steps and sees them all
             "eval_steps=0",
