@@ -478,8 +478,10 @@ class TrainingConfig:
     per_device_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    # bf16 autocast. fp16 has no grad scaler here.
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # bf16 autocast (fp32 master weights). "auto": bf16 where the hardware runs it fast (a CUDA GPU with bf16,
+    # a CPU with AVX512-BF16 or AMX), else fp32 (alignment.training.resolve_mixed_precision). fp16 has no grad
+    # scaler here.
+    mixed_precision: Literal["no", "bf16", "auto"] = "no"
     seed: int = 42
     logging_steps: int = 1
     # Save a resumable checkpoint every N optimizer steps (0: only the final model).
