@@ -56,16 +56,19 @@ def greedy_answers(generator: Generator, tokenizer, examples, max_new_tokens: in
 
 def math_accuracy(generator: Generator, tokenizer, examples, max_new_tokens: int) -> tuple[float, list]:
     """Greedy accuracy and the answers (one per prompt)."""
+    answers = greedy_answers(generator, tokenizer, examples, max_new_tokens)
+    return math_score([a.text for a in answers], examples), answers
+
+
+def math_score(texts: list[str], examples) -> float:
+    """The share of answers whose final answer the ``math`` reward judges equal to the row's gold ``answer``."""
     from reward.math_reward import MathReward
 
-    answers = greedy_answers(generator, tokenizer, examples, max_new_tokens)
     out = MathReward()(
-        [ex.prompt for ex in examples],
-        [a.text for a in answers],
-        answer=[ex.columns["answer"] for ex in examples],
+        [ex.prompt for ex in examples], texts, answer=[ex.columns["answer"] for ex in examples]
     )
     correct = [s == 1.0 for s in out.scores]
-    return sum(correct) / max(1, len(correct)), answers
+    return sum(correct) / max(1, len(correct))
 
 
 def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: SamplingConfig, n: int = 1):

@@ -381,7 +381,7 @@ def eval_args(tmp_path, policy, rm, *overrides) -> list[str]:
 
 METRICS = ("eval/math_accuracy", "eval/ifeval_strict", "eval/ifeval_constraint_accuracy", "eval/code_pass@1",
            "eval/win_rate", "eval/kl_to_reference", "eval/general_text_nll")  # fmt: skip
-TIMES = ("time/math_accuracy", "time/ifeval", "time/code_pass@1", "time/win_rate", "time/kl_to_reference",
+TIMES = ("time/greedy_answers", "time/math_accuracy", "time/ifeval", "time/code_pass@1", "time/win_rate", "time/kl_to_reference",
          "time/general_text_nll", "time/total")  # fmt: skip
 
 
