@@ -362,8 +362,12 @@ def dev_rows(rng: random.Random, per_family: int, seen: set[str]) -> list[dict]:
                 continue
             seen.add(prompt)
             rows.append(
-                {"id": f"dev-{len(rows):04d}", "prompt": [{"role": "user", "content": prompt}], "answer": gold,
-                 "task": kind}
+                {
+                    "id": f"dev-{len(rows):04d}",
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "answer": gold,
+                    "task": kind,
+                }
             )
     return rows
 
