@@ -137,7 +137,7 @@ def plot_table(table: Table, stages: list[str], out: Path, title: str) -> None:
     for ax, (metric, values) in zip(axes, table.items()):
         bar_panel(ax, metric, values, stages)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the first row's titles
     fig.savefig(out, dpi=90)
     plt.close(fig)
 
@@ -208,7 +208,10 @@ def write_report(run_dir: str | Path) -> Path:
     table = metric_table(run, evaluated, "eval.json")
     lines += ["## Evaluation", ""]
     if table:
-        plot_table(table, evaluated, plots / "eval.png", "evaluation after each stage")
+        # The chart shows what each stage bought and cost, and the whole evaluation's time; the table has every
+        # part's time.
+        shown = {m: v for m, v in table.items() if not m.startswith("time/") or m == "time/total"}
+        plot_table(shown, evaluated, plots / "eval.png", "evaluation after each stage")
         lines += ["Each stage's `eval.json` (`start`: the start model).", ""]
         lines += markdown_table(table, evaluated) + ["", "![evaluation](plots/eval.png)", ""]
     else:
