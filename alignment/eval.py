@@ -244,7 +244,7 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
     """Greedy answers to every set, scored, and the KL's sampled answers: one engine, closed at the end. The
     greedy answers of all sets are one request to the engine: a batch that never drains to the few longest
     answers of one set before the next set starts (the same answers; in the chain 9-17 s less a stage, 10 s more
-    on the start model's long answers, whose batch outgrows the KV cache)."""
+    on the start model's long answers)."""
     gen = make_generator(replace(cfg.generation, seed=cfg.seed), path, tokenizer, cfg.dtype)
     print(f"[eval] generating with {path} (backend {gen.name})", flush=True)
     # Code answers only when the sandbox can run them, or when the win rate or the KL needs them.
