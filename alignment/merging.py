@@ -58,10 +58,18 @@ Choices (see each option in ``OnlineMergingOptimizer``):
   in ``reference`` / ``base``.
 
 Memory: one extra parameter-sized buffer (tau_tilde) beyond AdamW's two moments; ``tau_dtype=torch.bfloat16``
-halves it for float32 parameters (tau_tilde is computed in at least float32, then stored rounded). Each step
-also allocates transient buffers of the size of the tensor being stepped (the update, the mask, the masked
-and merged updates, and for OnTIES the magnitudes). The base model is only needed to compute tau: the optimizer keeps
-no reference to ``reference`` or ``base``; drop your own handles to free them.
+halves it for float32 parameters (tau_tilde is computed in at least float32, then stored rounded). The base
+model is only needed to compute tau: the optimizer keeps no reference to ``reference`` or ``base``; drop your
+own handles to free them.
+
+Speed: with ``merge_every=1`` and ``rescale=False`` (the defaults) and p < 1, a step works on the kept entries
+only. OnDARE draws the kept indices directly (``bernoulli_indices``: geometric gaps, p * numel uniforms),
+forms Delta from the gathered moments at those indices and adds it with ``index_add_``, then alpha * tau_tilde
+everywhere; OnTIES forms the dense Delta (it must rank it), finds the kept indices with an exact sampled
+top-k (``top_k_indices``) and merges at those indices. Both equal the formulas above up to the rounding order
+of the sums (tests compare them with the dense functions). The other settings take the dense path: transient
+buffers of the tensor's size for the update, the mask, the masked and merged updates (and OnTIES'
+magnitudes). ``bench/bench_merging.py`` measures both against AdamW.
 
 Randomness: the masks come from a ``torch.Generator`` per device, seeded with ``seed`` (``None``: the value
 of ``torch.initial_seed()``) and saved in ``state_dict()``, so a resumed run draws the same masks and ends
@@ -126,6 +134,37 @@ def bernoulli_mask(
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32) < keep_p
 
 
+def bernoulli_indices(
+    numel: int, keep_p: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The sorted flat indices that a Bernoulli(``keep_p``) mask over ``numel`` entries keeps, drawn as gaps.
+
+    The gap from one kept entry to the next is Geometric(p): P(gap = k) = (1 - p)^(k - 1) p for k = 1, 2, ...,
+    which is exactly the law of the positions of the True entries of ``numel`` independent Bernoulli(p) draws
+    (the first kept index is gap_1 - 1, the next gap_1 + gap_2 - 1, ...). Each gap is drawn by inversion from
+    a float64 uniform u: gap = floor(log(u) / log(1 - p)) + 1, since P(floor(log u / log(1 - p)) >= j) =
+    P(u <= (1 - p)^j) = (1 - p)^j. That is about p * numel uniforms instead of numel, so at OnDARE's p = 0.1
+    the mask costs a tenth of the random numbers; the draws differ from ``bernoulli_mask``'s, the law is the
+    same. Returns int64 indices on ``device``.
+    """
+    if keep_p >= 1:
+        return torch.arange(numel, device=device)
+    mean = numel * keep_p
+    # Enough gaps to pass the end with overwhelming probability (6 sigma); loop in the rare case it does not.
+    chunk = int(mean + 6 * math.sqrt(mean * (1 - keep_p)) + 64)
+    scale = 1.0 / math.log1p(-keep_p)
+    parts, end = [], 0
+    while end < numel:
+        uniform = torch.rand(chunk, dtype=torch.float64, generator=generator, device=device)
+        gaps = uniform.log_().mul_(scale).floor_().add_(1)
+        # Positions stay float64 (integers, exact below 2^53): u = 0 gives an infinite gap, clamped first.
+        positions = gaps.clamp_(max=numel + 1).cumsum_(0).add_(end - 1)
+        parts.append(positions)
+        end = int(positions[-1]) + 1
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return positions[: int(torch.searchsorted(positions, float(numel)))].to(torch.int64)
+
+
 def l1_renormalise(kept: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """Scale ``kept`` so that its L1 norm equals that of ``dense`` (unchanged when ``kept`` is all zero)."""
     # Norms in at least float32: a bfloat16 sum of millions of entries loses most of its digits.
@@ -150,6 +189,70 @@ def dare(x: torch.Tensor, mask: torch.Tensor, keep_p: float, rescale: bool = Fal
     return kept.div_(keep_p)
 
 
+def _sample_bounds(values: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Two entries of ``values`` that likely bracket its k-th largest: (upper, lower), None for no bound.
+
+    From a sorted strided sample of n / 128 entries (1,024 to 16,384), the entries a few standard deviations
+    of the sample quantile above and below the k-th largest's rank. Only a guess: the callers check it and
+    fall back.
+    """
+    n = values.numel()
+    sample = values[:: max(1, n // min(16384, max(1024, n // 128)))].sort(descending=True).values
+    size, q = sample.numel(), k / n
+    margin = 4 * math.sqrt(size * q * (1 - q)) + 16
+    hi, lo = int(q * size - margin), math.ceil(q * size + margin)
+    return (sample[hi] if hi >= 0 else None), (sample[lo] if lo < size else None)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the 1-D tensor ``values`` (1 <= k <= numel): ``values.kthvalue(numel - k +
+    1).values`` exactly, without a selection over the whole tensor when it is large.
+
+    With sample bounds U above and L below the answer (``_sample_bounds``): when fewer than k entries exceed
+    U and at least k are >= L, the answer is the (k - #{> U})-th largest of the entries in [L, U], a selection
+    over a small fraction of the tensor; otherwise (the sample misled, e.g. on a periodic tensor) the full
+    kthvalue runs. Comparisons replace torch's CPU kthvalue, which copies the tensor and selects over all of it.
+    """
+    n = values.numel()
+    if n <= 65536:
+        return values.kthvalue(n - k + 1).values
+    upper, lower = _sample_bounds(values, k)
+    # count_nonzero: a bool tensor's sum() first copies it to int64.
+    above = 0 if upper is None else int(torch.count_nonzero(values > upper))
+    at_least = n if lower is None else int(torch.count_nonzero(values >= lower))
+    if not above < k <= at_least:
+        return values.kthvalue(n - k + 1).values
+    inside = torch.ones_like(values, dtype=torch.bool) if lower is None else values >= lower
+    if upper is not None:
+        inside &= values <= upper
+    candidates = values[inside]
+    return candidates.kthvalue(candidates.numel() - (k - above) + 1).values
+
+
+def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The sorted indices of the entries of the 1-D tensor ``values`` that are >= its k-th largest: at least
+    k of them, more when entries tie with the k-th largest (what ``ties_trim`` keeps).
+
+    One pass finds the entries >= a sample lower bound L (``_sample_bounds``), a little over k of them; the
+    k-th largest is then found among those alone (between L and the upper bound U), and the kept indices are
+    a subset of them. When the sample misled, the full ``kth_largest`` and one comparison are used instead.
+    """
+    n = values.numel()
+    if k >= n:
+        return torch.arange(n, device=values.device)
+    upper, lower = _sample_bounds(values, k) if n > 65536 else (None, None)
+    if lower is not None:
+        index = (values >= lower).nonzero().squeeze(1)
+        if index.numel() >= k:
+            near = values.index_select(0, index)
+            above = 0 if upper is None else int(torch.count_nonzero(near > upper))
+            if above < k:
+                candidates = near if upper is None else near[near <= upper]
+                threshold = candidates.kthvalue(candidates.numel() - (k - above) + 1).values
+                return index[near >= threshold]
+    return (values >= kth_largest(values, k)).nonzero().squeeze(1)
+
+
 def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Tensor:
     """TIES' trim step (Yadav et al. 2023, arXiv:2306.01708): keep the top-k entries by magnitude.
 
@@ -162,8 +265,7 @@ def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Te
     if k == numel:
         return x.clone()
     magnitude = x.abs()
-    # kthvalue is a selection (linear time), not a full sort; the k-th largest is the (n - k + 1)-th smallest.
-    threshold = magnitude.flatten().kthvalue(numel - k + 1).values
+    threshold = kth_largest(magnitude.flatten(), k)
     kept = torch.where(magnitude >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if rescale:
         return l1_renormalise(kept, x)
@@ -515,6 +617,12 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         every = group["merge_every"]
+        if every == 1 and not group["rescale"] and group["reserve_p"] < 1:
+            if group["mode"] == "ondare":
+                self._ondare_sparse_step(param, state, group)
+            else:
+                self._onties_sparse_step(param, state, group)
+            return
         if every > 1 and "accum" not in state:
             state["accum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
@@ -542,6 +650,93 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             delta.add_(state["accum"])
             state["accum"].zero_()
         param.add_(self._merged_update(delta, state, group))
+
+    def _ondare_sparse_step(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """One OnDARE step that computes the update only where the mask keeps it (p * numel entries).
+
+        The same step as the dense path, theta <- theta (1 - lr wd) + (1 - alpha) mask * Delta / p + alpha *
+        tau_tilde, rearranged: the moments advance everywhere, the kept indices come from
+        ``bernoulli_indices``, Delta is computed at those indices only (``adamw_update``'s arithmetic on the
+        gathered moments) and added there with index_add_, then alpha * tau_tilde everywhere. At p = 0.1 it
+        skips the dense update, the mask and the masked copy. The sums round in another order than the dense
+        path's (theta + c Delta + alpha tau instead of theta + (c Delta + alpha tau)): equal to rounding.
+        """
+        state["step"] += 1
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        keep_p, lr = group["reserve_p"], group["lr"]
+        grad = param.grad
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if group["weight_decay"] != 0:
+            param.mul_(1 - lr * group["weight_decay"])
+        index = bernoulli_indices(param.numel(), keep_p, self._generator(param.device), param.device)
+        exp_avg = state["exp_avg"].reshape(-1).index_select(0, index)
+        exp_avg_sq = state["exp_avg_sq"].reshape(-1).index_select(0, index)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt_() / bias_correction2_sqrt).add_(group["eps"])
+        step_size = lr / (1 - beta1**step)
+        weight = (1 - group["alpha"] if group["use_merge"] else 1.0) / keep_p
+        update = torch.div(exp_avg, denom, out=denom).mul_(-step_size)
+        # A view when param is contiguous (parameters are); otherwise write the flat copy back.
+        flat = param.view(-1) if param.is_contiguous() else param.reshape(-1)
+        flat.index_add_(0, index, update, alpha=weight)
+        if not param.is_contiguous():
+            param.copy_(flat.view_as(param))
+        if group["use_merge"]:
+            if "tau" not in state:
+                raise RuntimeError(
+                    "OnlineMergingOptimizer: a group has use_merge=True but no tau was computed for it (it was "
+                    "built with use_merge=False); build the optimizer with the merge settings you train with"
+                )
+            param.add_(state["tau"], alpha=group["alpha"])
+
+    def _onties_sparse_step(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """One OnTIES step that merges only where the trimmed update is kept.
+
+        The same step as the dense path, rearranged: where ``ties_trim`` drops Delta, Delta_hat is 0, the
+        elected sign is tau_tilde's own and the entry moves by alpha * tau_tilde. So theta moves by alpha *
+        tau_tilde everywhere, and at the kept indices (about p * numel) by (1 - alpha) Delta'' - alpha * (the
+        part of tau_tilde that disagrees with the elected sign), computed on gathered entries. Equal to the
+        dense path up to the rounding order of the sums.
+        """
+        state["step"] += 1
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        delta = adamw_update(
+            param.grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        ).reshape(-1)
+        if group["weight_decay"] != 0:
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+        index = top_k_indices(delta.abs(), keep_count(delta.numel(), group["reserve_p"]))
+        kept = delta.index_select(0, index)
+        del delta
+        if group["use_merge"]:
+            if "tau" not in state:
+                raise RuntimeError(
+                    "OnlineMergingOptimizer: a group has use_merge=True but no tau was computed for it (it was "
+                    "built with use_merge=False); build the optimizer with the merge settings you train with"
+                )
+            alpha = group["alpha"]
+            tau = state["tau"].reshape(-1).index_select(0, index)
+            dtype = torch.promote_types(kept.dtype, tau.dtype)
+            kept, tau = kept.to(dtype), tau.to(dtype)
+            positive = _elected_positive(kept, tau)
+            zero = torch.zeros((), dtype=dtype, device=kept.device)
+            kept = torch.where((kept >= 0) == positive, kept, zero).mul_(1 - alpha)
+            kept.sub_(torch.where((tau >= 0) == positive, zero, tau), alpha=alpha)
+            param.add_(state["tau"], alpha=alpha)
+        flat = param.view(-1) if param.is_contiguous() else param.reshape(-1)
+        flat.index_add_(0, index, kept.to(param.dtype))
+        if not param.is_contiguous():
+            param.copy_(flat.view_as(param))
 
     def _merged_update(
         self, delta: torch.Tensor, state: dict[str, Any], group: dict[str, Any]

@@ -16,11 +16,15 @@ peak RSS during the steps above the RSS of parameters and gradients alone (state
 of a step). The high-water mark is reset with /proc/self/clear_refs after setup, so building tau from the
 base weights is not counted. Simplifications: one process, CPU only, no forward or backward pass.
 
-Where the time goes on CPU (torch profiler, one thread): OnDARE's extra cost is mostly drawing one uniform per
-entry for the mask (mt19937; about a third of its step), OnTIES' the kthvalue selection per tensor. For scale,
-SFT of SmolLM2-135M trains about 100 tokens/s on such a CPU (shared/NOTES.md): a step of 2,048 tokens takes
-about 20 s, next to a few seconds of optimizer. Figures are noisy on a shared machine: compare the ratios,
-which are taken against AdamW steps interleaved in the same process.
+Where the time goes on CPU (torch profiler, one thread). OnDARE computes its update only where the mask keeps
+it: the moments advance everywhere, the kept indices are drawn as geometric gaps (p * numel uniforms, not
+numel), the update is formed on the gathered moments and added with index_add_, then alpha * tau everywhere:
+4 full passes against AdamW's 7, plus the draws and gathers. OnTIES needs the dense update to rank it; its
+extra cost is the exact top-k (a sampled selection: one comparison and one nonzero pass over each tensor, a
+kthvalue over the near-threshold entries) and the gathers; nonzero alone is about a quarter of its step. For
+scale, SFT of SmolLM2-135M trains about 100 tokens/s on such a CPU (shared/NOTES.md): a step of 2,048 tokens
+takes about 20 s, next to well under a second of optimizer. Figures are noisy on a shared machine: compare the
+ratios, which are taken against AdamW steps interleaved in the same process.
 """
 
 from __future__ import annotations

@@ -17,11 +17,14 @@ from torch import nn
 
 from alignment.merging import (
     OnlineMergingOptimizer,
+    adamw_update,
+    bernoulli_indices,
     bernoulli_mask,
     dare,
     disjoint_merge,
     elect_sign,
     keep_count,
+    kth_largest,
     linear_merge,
     ties_trim,
 )
@@ -196,6 +199,71 @@ def test_bernoulli_mask_keep_fraction_within_4_sigma():
     assert abs(int(mask.sum()) - keep_p * n) < 4 * math.sqrt(n * keep_p * (1 - keep_p))
 
 
+@pytest.mark.parametrize("keep_p", [0.1, 0.5])
+def test_bernoulli_indices_have_the_law_of_a_bernoulli_mask(keep_p):
+    """Geometric gaps give independent Bernoulli(p) entries: over 20,000 draws of 24 entries every position
+    is kept with frequency p, two given positions together with p^2, and the count has variance n p (1 - p),
+    each within 4 sigma (the variance within 5% of it)."""
+    n, draws = 24, 20_000
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(draws, n, dtype=torch.bool)
+    for row in masks:
+        index = bernoulli_indices(n, keep_p, gen, torch.device("cpu"))
+        assert index.dtype == torch.int64 and bool((index.diff() > 0).all())
+        assert index.numel() == 0 or 0 <= int(index[0]) and int(index[-1]) < n
+        row[index] = True
+    sigma = math.sqrt(keep_p * (1 - keep_p) / draws)
+    frequency = masks.double().mean(0)
+    assert (frequency - keep_p).abs().max() < 4 * sigma, frequency
+    for i, j in ((0, 1), (0, n - 1), (11, 12)):
+        pair = float((masks[:, i] & masks[:, j]).double().mean())
+        assert abs(pair - keep_p**2) < 4 * math.sqrt(keep_p**2 * (1 - keep_p**2) / draws)
+    counts = masks.sum(1).double()
+    assert abs(float(counts.mean()) - n * keep_p) < 4 * math.sqrt(n * keep_p * (1 - keep_p) / draws)
+    assert abs(float(counts.var()) / (n * keep_p * (1 - keep_p)) - 1) < 0.05
+    # A large tensor: the count of kept entries is n p within 4 sigma.
+    big = bernoulli_indices(10**6, keep_p, gen, torch.device("cpu"))
+    assert abs(big.numel() - keep_p * 10**6) < 4 * math.sqrt(10**6 * keep_p * (1 - keep_p))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_ondare_step_is_kept_update_over_p_plus_alpha_tau_everywhere(weight_decay):
+    """One OnDARE step with gradients and a merge, against AdamW from the same point: an entry the mask keeps
+    moves by (1 - alpha) Delta / p + alpha tau_tilde, every other entry by alpha tau_tilde alone, where Delta
+    is AdamW's update (its weight decay included in both). Also a non-contiguous parameter (a transpose)."""
+    gen = torch.Generator().manual_seed(5)
+    theta = nn.Parameter(torch.randn(40, 30, generator=gen, dtype=DTYPE).t())  # (30, 40), not contiguous
+    assert not theta.is_contiguous()
+    twin = nn.Parameter(theta.detach().clone())
+    tau = 0.3 * torch.randn(30, 40, generator=gen, dtype=DTYPE)
+    reserve_p, alpha, lr = 0.25, 0.2, 0.01
+    opt = OnlineMergingOptimizer(
+        [("theta", theta)],
+        reference={"theta": tau},
+        base={"theta": torch.zeros(30, 40, dtype=DTYPE)},
+        reserve_p=reserve_p,
+        alpha=alpha,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=11,
+    )
+    adamw = torch.optim.AdamW([twin], lr=lr, weight_decay=weight_decay)
+    tau_tilde = opt.state[theta]["tau"]
+    for _ in range(3):
+        grad = torch.randn(30, 40, generator=gen, dtype=DTYPE)
+        before, twin_before = theta.detach().clone(), twin.detach().clone()
+        theta.grad, twin.grad = grad.clone(), grad.clone()
+        opt.step()
+        adamw.step()
+        decayed = before * (1 - lr * weight_decay)
+        delta = twin.detach() - twin_before * (1 - lr * weight_decay)
+        moved = theta.detach() - decayed - alpha * tau_tilde
+        kept = moved.abs() > 1e-12
+        assert 0.1 * 1200 < int(kept.sum()) < 0.4 * 1200
+        torch.testing.assert_close(moved[kept], (1 - alpha) * delta[kept] / reserve_p, rtol=1e-10, atol=1e-14)
+        twin.data.copy_(theta.detach())  # the next step's AdamW update starts from the same point
+
+
 # --------------------------------------------------------------------------------------------------------
 # OnTIES by hand
 # --------------------------------------------------------------------------------------------------------
@@ -233,6 +301,63 @@ def test_onties_by_hand():
     assert torch.equal(tau_tilde, t(-0.5, 0, 0.75, 0, 0.5, -1.0))
     assert torch.equal(elect_sign(delta_hat, tau_tilde), t(1, -1, 1, 1, 1, -1))
     assert torch.equal(disjoint_merge(delta_hat, tau_tilde, 0.25), t(0.375, -0.1875, 0.375, 0, 0.125, -0.25))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(300_000, generator=torch.Generator().manual_seed(0), dtype=DTYPE),
+        torch.randint(0, 50, (300_000,), generator=torch.Generator().manual_seed(1)).to(DTYPE),  # many ties
+        torch.arange(200_000, dtype=DTYPE) % 7,  # periodic: the strided sample sees one value
+        torch.randn(1000, generator=torch.Generator().manual_seed(2), dtype=DTYPE),  # small: kthvalue itself
+    ],
+    ids=["normal", "ties", "periodic", "small"],
+)
+def test_kth_largest_equals_kthvalue(values):
+    """The sampled selection returns exactly torch's kthvalue at every k tried, including k = 1 and numel."""
+    n = values.numel()
+    for k in (1, 2, n // 1000 + 1, n // 10, n // 3, n // 2, n - 1, n):
+        assert kth_largest(values, k) == values.kthvalue(n - k + 1).values, k
+
+
+@pytest.mark.parametrize("use_merge", [True, False])
+def test_onties_step_on_a_large_tensor_equals_trim_then_disjoint_merge(use_merge):
+    """A 400 x 500 tensor (past kth_largest's sampling size) with gradients rounded to 1/8, so that many
+    |Delta| tie: each OnTIES step equals adamw_update's Delta (from the same moments) trimmed by ties_trim
+    and merged by disjoint_merge, the dense path's functions."""
+    gen = torch.Generator().manual_seed(3)
+    theta = nn.Parameter(torch.randn(400, 500, generator=gen, dtype=DTYPE))
+    # tau_tilde keeps the top 10% of |tau|, from about 0.0066 (1.645 sigma) up, around |Delta| ~ lr = 0.01:
+    # it wins some sign elections against Delta and loses others.
+    tau = 0.004 * torch.randn(400, 500, generator=gen, dtype=DTYPE)
+    reserve_p, alpha, lr = 0.1, 0.3, 0.01
+    opt = OnlineMergingOptimizer(
+        [("theta", theta)],
+        reference={"theta": tau},
+        base={"theta": torch.zeros(400, 500, dtype=DTYPE)},
+        mode="onties",
+        reserve_p=reserve_p,
+        alpha=alpha,
+        lr=lr,
+        use_merge=use_merge,
+    )
+    exp_avg, exp_avg_sq = torch.zeros_like(theta), torch.zeros_like(theta)
+    for step in (1, 2):
+        grad = (8 * torch.randn(400, 500, generator=gen, dtype=DTYPE)).round() / 8
+        before = theta.detach().clone()
+        theta.grad = grad.clone()
+        opt.step()
+        delta = adamw_update(grad, exp_avg, exp_avg_sq, step, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8)
+        delta_hat = ties_trim(delta, reserve_p)
+        assert int((delta_hat != 0).sum()) >= 20_000  # ties keep at least k
+        expected = delta_hat
+        if use_merge:
+            tau_tilde = opt.state[theta]["tau"]
+            opposed = (delta_hat != 0) & (tau_tilde != 0) & ((delta_hat > 0) != (tau_tilde > 0))
+            tau_wins = opposed & (tau_tilde.abs() > delta_hat.abs())
+            assert int(tau_wins.sum()) > 50 and int((opposed & ~tau_wins).sum()) > 50
+            expected = disjoint_merge(delta_hat, tau_tilde, alpha)
+        torch.testing.assert_close(theta.detach(), before + expected, rtol=0, atol=1e-12)
 
 
 def test_onties_optimizer_step_by_hand():
