@@ -8,7 +8,9 @@ TRL samples exactly 2 answers per prompt, so at equal answers per step it gets n
 prompts per step (ours: --prompts prompts x --samples answers). Its vLLM colocate mode fails on vLLM's CPU
 build (it writes weights into the vLLM model directly), so TRL runs with transformers ``generate``; ours runs
 with vLLM in process, our default. Both use AdamW at the same learning rate and beta, sigmoid DPO, the start
-model as reference, and the same Bradley-Terry reward model. Each trainer runs in its own subprocess; the
+model as reference, and the same Bradley-Terry reward model. TRL's ``OnlineDPOConfig`` turns gradient
+checkpointing on by default, and then its ``generate`` runs without a KV cache; the bench turns it off for TRL
+(ours does not checkpoint either), its faster setting here. Each trainer runs in its own subprocess; the
 first step is warm-up and not timed; medians over the rest. Report ratios.
 """
 
@@ -80,6 +82,9 @@ def run_trl(args) -> dict:
         beta=[args.beta], max_new_tokens=args.max_new_tokens, temperature=0.9, use_vllm=False,
         report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, lr_scheduler_type="constant",
         disable_tqdm=True, bf16=False,
+        # TRL defaults to gradient checkpointing, which turns its generate's KV cache off (use_cache=False):
+        # every new token re-runs the whole sequence. Ours trains without it; compare against TRL's faster setting.
+        gradient_checkpointing=False,
     )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(path)
     rm = resolve_model(args.reward_model)
