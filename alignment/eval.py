@@ -43,7 +43,15 @@ from typing import Literal
 
 from accelerate.utils import set_seed
 
-from alignment.config import ConfigError, ModelConfig, parse_cli, run_cli, to_dict
+from alignment.config import (
+    ConfigError,
+    DCAConfig,
+    ModelConfig,
+    RopeScalingConfig,
+    parse_cli,
+    run_cli,
+    to_dict,
+)
 from alignment.data import DataError, encode_prompt
 from alignment.evaluation import (
     answer_sequences,
@@ -85,6 +93,12 @@ class EvalConfig:
     # The model to evaluate: a Hugging Face folder (outputs/dpo) or a built-in name (smollm2-135m-instruct).
     model: str = "smollm2-135m-instruct"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Long inputs: Dual Chunk Attention and/or YaRN, ModelConfig's keys (alignment/dca.py). Every model of the
+    # evaluation (the model, start_model, reference_model) loads with them, for its answers and its forwards;
+    # the transformers backend only (generation.backend: transformers). Defaults: each model as it is.
+    attn_implementation: Literal["auto", "dca"] = "auto"
+    rope_scaling: RopeScalingConfig | None = None
+    dca: DCAConfig | None = None
     # The win rate: reward_model judges the model's greedy answers against start_model's. Either null: skipped.
     start_model: str | None = None
     reward_model: str | None = None
@@ -112,6 +126,12 @@ class EvalConfig:
     output: str | None = None
 
     def __post_init__(self) -> None:
+        long_inputs = self.model_config(self.model)  # ModelConfig checks dca against attn_implementation
+        if long_inputs is not None and self.generation.backend != "transformers":
+            raise ValueError(
+                f"attn_implementation {self.attn_implementation} / rope_scaling apply to the transformers backend "
+                f"only, but generation.backend is {self.generation.backend}; set generation.backend: transformers"
+            )
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.kl_prompts < 0 or self.general_text_chunks < 0:
@@ -122,6 +142,15 @@ class EvalConfig:
                 f"{' and '.join(needs)} use the prompts of prompt_set ({self.prompt_set}), whose path is null; "
                 f"set {self.prompt_set}.path or another prompt_set"
             )
+
+    def model_config(self, name: str) -> ModelConfig | None:
+        """How to load ``name`` for generation when the long-input settings are on; None: as it is."""
+        if self.attn_implementation == "auto" and self.rope_scaling is None and self.dca is None:
+            return None
+        return ModelConfig(
+            name, self.dtype, attn_implementation=self.attn_implementation, rope_scaling=self.rope_scaling,
+            dca=self.dca,
+        )  # fmt: skip
 
     @property
     def wins(self) -> bool:
@@ -245,7 +274,9 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
     greedy answers of all sets are one request to the engine: a batch that never drains to the few longest
     answers of one set before the next set starts (the same answers; in the chain 9-17 s less a stage, 10 s more
     on the start model's long answers)."""
-    gen = make_generator(replace(cfg.generation, seed=cfg.seed), path, tokenizer, cfg.dtype)
+    gen = make_generator(
+        replace(cfg.generation, seed=cfg.seed), path, tokenizer, cfg.dtype, model_cfg=cfg.model_config(path)
+    )
     print(f"[eval] generating with {path} (backend {gen.name})", flush=True)
     # Code answers only when the sandbox can run them, or when the win rate or the KL needs them.
     wanted = [n for n in SETS if n in sets and (n != "code" or code is not None or cfg.prompt_set == "code")]
@@ -296,6 +327,8 @@ def start_model_answers(cfg: EvalConfig, start: str, examples, model_path: str, 
     if backend == "auto":
         backend = "vllm" if vllm_available() else "transformers"
     settings = {"max_new_tokens": cfg.max_new_tokens, "backend": backend, "dtype": cfg.dtype}
+    if cfg.model_config(start) is not None:  # the long-input settings change the answers: part of the key
+        settings |= {"model": to_dict(cfg.model_config(start)) | {"name_or_path": None}}
     fingerprint = fingerprint_weights(start)
     key = cache_key("answers", fingerprint, prompt_ids, settings)
 
@@ -303,7 +336,13 @@ def start_model_answers(cfg: EvalConfig, start: str, examples, model_path: str, 
         if prompt_ids == model_ids and fingerprint == fingerprint_weights(model_path):
             print("[eval] the start model is the evaluated model: its answers are the baseline", flush=True)
             return model_texts
-        gen = make_generator(replace(cfg.generation, seed=cfg.seed), start, tokenizer, cfg.dtype)
+        gen = make_generator(
+            replace(cfg.generation, seed=cfg.seed),
+            start,
+            tokenizer,
+            cfg.dtype,
+            model_cfg=cfg.model_config(start),
+        )
         print(f"[eval] generating the start model's answers with {start} (backend {gen.name})", flush=True)
         try:
             return [a.text for a in greedy_answers(gen, tokenizer, examples, cfg.max_new_tokens)]
@@ -367,19 +406,25 @@ def logprob_metrics(cfg: EvalConfig, path: str, reference: str | None, tokenizer
 
     def load(name: str):
         return TokenLogProbs(
-            load_causal_lm(ModelConfig(name, cfg.dtype), cfg.generation.max_model_len, trainable=False)
+            load_causal_lm(
+                cfg.model_config(name) or ModelConfig(name, cfg.dtype),
+                cfg.generation.max_model_len,
+                trainable=False,
+            )
         )
 
+    # Sequences packed 8 to a forward; one at a time under Dual Chunk Attention, which needs positions 0..T-1.
+    batch = 1 if cfg.attn_implementation == "dca" else 8
     policy = load(path)
     if reference is not None and cfg.kl:
         with report.timed("kl_to_reference"):
             ref = load(reference)
-            kl = kl_to_reference(policy, ref, kl_seqs)
+            kl = kl_to_reference(policy, ref, kl_seqs, batch)
             del ref
         report.add("eval/kl_to_reference", kl, f"({len(kl_seqs)} sampled answers)")
     if cfg.general_text_chunks:
         with report.timed("general_text_nll"):
-            nll = general_text_nll(policy, tokenizer, cfg.general_text_chunks)
+            nll = general_text_nll(policy, tokenizer, cfg.general_text_chunks, batch=batch)
         report.add("eval/general_text_nll", nll, f"({cfg.general_text_chunks} x 256 tokens of pydoc topics)")
 
 

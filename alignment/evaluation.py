@@ -226,7 +226,8 @@ def answer_sequence(prompt_ids: list[int], answer_ids: list[int]) -> Sequence:
 
 @torch.no_grad()
 def sequence_logps(logprob_fn, seqs: list[Sequence], batch: int = 8) -> torch.Tensor:
-    """Summed label log-probs per sequence: (S,)."""
+    """Summed label log-probs per sequence: (S,). ``batch`` sequences are packed into one row per forward
+    (1: each alone, positions 0..T-1, as Dual Chunk Attention needs)."""
     out = []
     device = next(logprob_fn.parameters()).device
     for s in range(0, len(seqs), batch):
@@ -237,11 +238,11 @@ def sequence_logps(logprob_fn, seqs: list[Sequence], batch: int = 8) -> torch.Te
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def kl_to_reference(policy_fn, reference_fn, seqs: list[Sequence]) -> float:
+def kl_to_reference(policy_fn, reference_fn, seqs: list[Sequence], batch: int = 8) -> float:
     """Mean over answers sampled from the policy of log pi(y|x) - log pi_ref(y|x)."""
     if not seqs:
         return float("nan")
-    return float((sequence_logps(policy_fn, seqs) - sequence_logps(reference_fn, seqs)).mean())
+    return float((sequence_logps(policy_fn, seqs, batch) - sequence_logps(reference_fn, seqs, batch)).mean())
 
 
 def general_text(tokenizer, chunks: int, chunk_tokens: int) -> list[Sequence]:
@@ -261,8 +262,10 @@ def general_text(tokenizer, chunks: int, chunk_tokens: int) -> list[Sequence]:
     return seqs
 
 
-def general_text_nll(logprob_fn, tokenizer, chunks: int = 16, chunk_tokens: int = 256) -> float:
+def general_text_nll(
+    logprob_fn, tokenizer, chunks: int = 16, chunk_tokens: int = 256, batch: int = 8
+) -> float:
     """Mean token NLL (nats) on held-out general text."""
     seqs = general_text(tokenizer, chunks, chunk_tokens)
-    total = sequence_logps(logprob_fn, seqs).sum()
+    total = sequence_logps(logprob_fn, seqs, batch).sum()
     return float(-total / sum(s.num_labels for s in seqs))

@@ -480,3 +480,38 @@ def test_smollm2_against_itself_on_a_few_prompts_of_every_set(tmp_path, capsys):
     assert result["eval/kl_to_reference"] == 0.0
     assert result["eval/general_text_nll"] == pytest.approx(2.5034, abs=0.002)
     assert all(0.0 <= result[k] <= 1.0 for k in METRICS[:4])
+
+
+def test_long_input_settings_need_the_transformers_backend():
+    from alignment.config import DCAConfig
+    from alignment.eval import EvalConfig
+    from alignment.generation import GenerationConfig
+
+    with pytest.raises(ValueError, match="generation.backend: transformers"):
+        EvalConfig(attn_implementation="dca", generation=GenerationConfig(backend="vllm"))
+    with pytest.raises(ValueError, match="dca is set"):
+        EvalConfig(dca=DCAConfig(64, 8), generation=GenerationConfig(backend="transformers"))
+
+
+def test_dual_chunk_attention_runs_every_model_of_the_evaluation(tmp_path, tiny_models, monkeypatch):
+    """attn_implementation: dca with 64-token chunks: the greedy answers, the KL's samples and both models'
+    forwards (KL, NLL) go through Dual Chunk Attention, and every metric is still measured."""
+    import alignment.dca
+    from alignment.eval import main
+
+    calls = []
+    real = alignment.dca.dual_chunk_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[2])  # query length: > 1 in forwards and prefill, 1 in decoding
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(alignment.dca, "dual_chunk_attention", counting)
+    policy, rm = tiny_models
+    result = main(eval_args(tmp_path, policy, rm, "attn_implementation=dca", "dca={chunk_size: 64, local_size: 8}",
+                            "start_model=null", "reward_model=null", f"output={tmp_path / 'dca.json'}"))  # fmt: skip
+    assert result["missing"] == {"eval/win_rate": "skipped: start_model or reward_model is null"}
+    assert result["config"]["attn_implementation"] == "dca"
+    assert result["config"]["dca"] == {"chunk_size": 64, "local_size": 8}
+    assert any(n == 1 for n in calls) and max(calls) > 64  # decoding steps, and inputs longer than a chunk
+    assert 256 in calls  # the NLL's 256-token chunk of general text, alone in its forward
