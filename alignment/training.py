@@ -75,6 +75,14 @@ def make_accelerator(tc: TrainingConfig):
         # leaves cores idle. Share them among this machine's processes instead.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # Accelerator(cpu=True) turns an FSDP launch config into MULTI_CPU: plain data parallel over gloo.
+        print0(
+            accelerator,
+            f"[train] FSDP was asked for, but without CUDA accelerate runs it as plain data parallel "
+            f"({accelerator.distributed_type.value}, gloo): every process holds the whole model and optimizer; "
+            f"the losses are those of the same global batch, the memory is not sharded",
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(

@@ -178,6 +178,45 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
+    """recipes/accelerate/fsdp2.yaml with 2 processes on a CPU machine: accelerate (Accelerator(cpu=True)) runs
+    it as plain data parallel over gloo, not sharded; the run says so, and its losses and weights are those of
+    1 process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the FSDP2 config shards: this checks the CPU fallback")
+    data = write_jsonl(tmp_path / "sft.jsonl", ROWS)
+    common = [
+        "model.name_or_path=tiny-qwen2", "training.mixed_precision=no", "model.rope_scaling=null",
+        f"data.sources=[{{path: {data}}}]", "data.max_length=128", "data.packing=false",
+        "training.per_device_batch_size=1", "training.max_steps=3", "optimizer.lr=1e-3", "scheduler.min_lr=1e-4",
+        "model.gradient_checkpointing=false", "logging.report_to=[]", "logging.progress_bar=false",
+    ]  # fmt: skip
+    one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+        str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"), *common,
+        "training.gradient_accumulation_steps=2", f"training.output_dir={two}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[train] FSDP was asked for, but without CUDA") == 1  # the main process only
+    a, b = read_metrics(one), read_metrics(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{two}/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
 def test_lora_sft_saves_adapter_and_merged_model_that_load_back(tmp_path):
     from alignment.config import ModelConfig
     from alignment.models import load_causal_lm
