@@ -87,8 +87,10 @@ format:  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench:  ## benchmarks (ratios against TRL / AdamW in one run)
+bench: outputs/reward/model.safetensors  ## benchmarks (ratios against TRL / AdamW in one run; online DPO is judged by outputs/reward); about an hour on 2 CPU cores
 	$(PY) bench/bench_sft.py
+	$(PY) bench/bench_dpo.py
+	$(PY) bench/bench_online_dpo.py
 	$(PY) bench/bench_merging.py
 	$(PY) bench/bench_sandbox.py
 
