@@ -217,6 +217,73 @@ def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_two_machines_on_localhost_match_one_process(tmp_path):
+    """Multi-node as a user launches it, two "machines" on localhost: one `accelerate launch --num_machines 2
+    --machine_rank {0,1} --main_process_ip 127.0.0.1` per rank, one process each (gloo on CPU). The losses and
+    weights are those of 1 process with the same global batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "sft.jsonl", ROWS)
+    common = [
+        "model.name_or_path=tiny-qwen2", "training.mixed_precision=no", "model.rope_scaling=null",
+        f"data.sources=[{{path: {data}}}]", "data.max_length=128", "data.packing=false",
+        "training.per_device_batch_size=1", "training.max_steps=3", "optimizer.lr=1e-3", "scheduler.min_lr=1e-4",
+        "model.gradient_checkpointing=false", "logging.report_to=[]", "logging.progress_bar=false",
+    ]  # fmt: skip
+    one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
+    two = tmp_path / "two"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                str(REPO / "alignment/sft.py"),
+                str(REPO / "recipes/sft.yaml"),
+                *common,
+                "training.gradient_accumulation_steps=2",
+                f"training.output_dir={two}",
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for proc in ranks:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    a, b = read_metrics(one), read_metrics(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{two}/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
 def test_lora_sft_saves_adapter_and_merged_model_that_load_back(tmp_path):
     from alignment.config import ModelConfig
     from alignment.models import load_causal_lm
