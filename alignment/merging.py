@@ -147,7 +147,7 @@ def bernoulli_indices(
     the mask costs a tenth of the random numbers; the draws differ from ``bernoulli_mask``'s, the law is the
     same. Returns int64 indices on ``device``.
     """
-    if keep_p >= 1:
+    if keep_p >= 1 or numel == 0:
         return torch.arange(numel, device=device)
     mean = numel * keep_p
     # Enough gaps to pass the end with overwhelming probability (6 sigma); loop in the rare case it does not.
