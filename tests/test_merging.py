@@ -221,7 +221,9 @@ def test_bernoulli_indices_have_the_law_of_a_bernoulli_mask(keep_p):
     counts = masks.sum(1).double()
     assert abs(float(counts.mean()) - n * keep_p) < 4 * math.sqrt(n * keep_p * (1 - keep_p) / draws)
     assert abs(float(counts.var()) / (n * keep_p * (1 - keep_p)) - 1) < 0.05
-    assert bernoulli_indices(0, keep_p, gen, torch.device("cpu")).numel() == 0  # an empty tensor keeps nothing
+    assert (
+        bernoulli_indices(0, keep_p, gen, torch.device("cpu")).numel() == 0
+    )  # an empty tensor keeps nothing
     # A large tensor: the count of kept entries is n p within 4 sigma.
     big = bernoulli_indices(10**6, keep_p, gen, torch.device("cpu"))
     assert abs(big.numel() - keep_p * 10**6) < 4 * math.sqrt(10**6 * keep_p * (1 - keep_p))
