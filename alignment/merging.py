@@ -326,12 +326,37 @@ def adamw_update(
     """
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return adamw_direction(exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+
+
+def adamw_direction(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """AdamW's update Delta from moments already advanced (``adamw_update``'s second half): a new tensor.
+
+    OnDARE's sparse step calls it on the moments gathered at the kept indices.
+    """
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     step_size = lr / bias_correction1
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     # Written into denom (an elementwise op may alias its input) to save one parameter-sized buffer.
     return torch.div(exp_avg, denom, out=denom).mul_(-step_size)
+
+
+def _add_at(param: torch.Tensor, index: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
+    """param.flatten()[index] += alpha * values, in place (through a flat copy when param is not contiguous)."""
+    flat = param.view(-1) if param.is_contiguous() else param.reshape(-1)
+    flat.index_add_(0, index, values, alpha=alpha)
+    if not param.is_contiguous():
+        param.copy_(flat.view_as(param))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -473,6 +498,16 @@ def _check_group(group: dict[str, Any]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"OnlineMergingOptimizer: {message}")
+
+
+def _tau(state: dict[str, Any]) -> torch.Tensor:
+    """The parameter's tau_tilde; a group that merges but was built without the merge has none."""
+    if "tau" not in state:
+        raise RuntimeError(
+            "OnlineMergingOptimizer: a group has use_merge=True but no tau was computed for it (it was "
+            "built with use_merge=False); build the optimizer with the merge settings you train with"
+        )
+    return state["tau"]
 
 
 class OnlineMergingOptimizer(torch.optim.Optimizer):
@@ -656,7 +691,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
 
         The same step as the dense path, theta <- theta (1 - lr wd) + (1 - alpha) mask * Delta / p + alpha *
         tau_tilde, rearranged: the moments advance everywhere, the kept indices come from
-        ``bernoulli_indices``, Delta is computed at those indices only (``adamw_update``'s arithmetic on the
+        ``bernoulli_indices``, Delta is computed at those indices only (``adamw_direction`` on the
         gathered moments) and added there with index_add_, then alpha * tau_tilde everywhere. At p = 0.1 it
         skips the dense update, the mask and the masked copy. The sums round in another order than the dense
         path's (theta + c Delta + alpha tau instead of theta + (c Delta + alpha tau)): equal to rounding.
@@ -671,25 +706,18 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         if group["weight_decay"] != 0:
             param.mul_(1 - lr * group["weight_decay"])
         index = bernoulli_indices(param.numel(), keep_p, self._generator(param.device), param.device)
-        exp_avg = state["exp_avg"].reshape(-1).index_select(0, index)
-        exp_avg_sq = state["exp_avg_sq"].reshape(-1).index_select(0, index)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt_() / bias_correction2_sqrt).add_(group["eps"])
-        step_size = lr / (1 - beta1**step)
-        weight = (1 - group["alpha"] if group["use_merge"] else 1.0) / keep_p
-        update = torch.div(exp_avg, denom, out=denom).mul_(-step_size)
-        # A view when param is contiguous (parameters are); otherwise write the flat copy back.
-        flat = param.view(-1) if param.is_contiguous() else param.reshape(-1)
-        flat.index_add_(0, index, update, alpha=weight)
-        if not param.is_contiguous():
-            param.copy_(flat.view_as(param))
+        update = adamw_direction(
+            state["exp_avg"].reshape(-1).index_select(0, index),
+            state["exp_avg_sq"].reshape(-1).index_select(0, index),
+            step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
+        _add_at(param, index, update, alpha=(1 - group["alpha"] if group["use_merge"] else 1.0) / keep_p)
         if group["use_merge"]:
-            if "tau" not in state:
-                raise RuntimeError(
-                    "OnlineMergingOptimizer: a group has use_merge=True but no tau was computed for it (it was "
-                    "built with use_merge=False); build the optimizer with the merge settings you train with"
-                )
-            param.add_(state["tau"], alpha=group["alpha"])
+            param.add_(_tau(state), alpha=group["alpha"])
 
     def _onties_sparse_step(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """One OnTIES step that merges only where the trimmed update is kept.
@@ -719,13 +747,8 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         kept = delta.index_select(0, index)
         del delta
         if group["use_merge"]:
-            if "tau" not in state:
-                raise RuntimeError(
-                    "OnlineMergingOptimizer: a group has use_merge=True but no tau was computed for it (it was "
-                    "built with use_merge=False); build the optimizer with the merge settings you train with"
-                )
             alpha = group["alpha"]
-            tau = state["tau"].reshape(-1).index_select(0, index)
+            tau = _tau(state).reshape(-1).index_select(0, index)
             dtype = torch.promote_types(kept.dtype, tau.dtype)
             kept, tau = kept.to(dtype), tau.to(dtype)
             positive = _elected_positive(kept, tau)
@@ -733,10 +756,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             kept = torch.where((kept >= 0) == positive, kept, zero).mul_(1 - alpha)
             kept.sub_(torch.where((tau >= 0) == positive, zero, tau), alpha=alpha)
             param.add_(state["tau"], alpha=alpha)
-        flat = param.view(-1) if param.is_contiguous() else param.reshape(-1)
-        flat.index_add_(0, index, kept.to(param.dtype))
-        if not param.is_contiguous():
-            param.copy_(flat.view_as(param))
+        _add_at(param, index, kept.to(param.dtype))
 
     def _merged_update(
         self, delta: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
@@ -744,14 +764,9 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         delta_hat = self._sparsify(delta, group)
         if not group["use_merge"]:
             return delta_hat
-        if "tau" not in state:
-            raise RuntimeError(
-                "OnlineMergingOptimizer: a group has use_merge=True but no tau was computed for it (it was "
-                "built with use_merge=False); build the optimizer with the merge settings you train with"
-            )
         if group["mode"] == "onties":
-            return disjoint_merge(delta_hat, state["tau"], group["alpha"])
-        return linear_merge(delta_hat, state["tau"], group["alpha"])
+            return disjoint_merge(delta_hat, _tau(state), group["alpha"])
+        return linear_merge(delta_hat, _tau(state), group["alpha"])
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state (moments, step, tau_tilde, accumulators) plus the mask generators' states."""
