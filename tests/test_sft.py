@@ -146,36 +146,37 @@ def test_chunked_logprobs_equal_full_logits(tiny_qwen2):
     assert model.model.embed_tokens.weight.grad is not None
 
 
+def _data_parallel_overrides(data) -> list[str]:
+    """The SFT run the multi-process tests repeat: tiny-qwen2, fp32, 3 steps of 1 unpacked row per process."""
+    return [
+        "model.name_or_path=tiny-qwen2", "training.mixed_precision=no", "model.rope_scaling=null",
+        f"data.sources=[{{path: {data}}}]", "data.max_length=128", "data.packing=false",
+        "training.per_device_batch_size=1", "training.max_steps=3", "optimizer.lr=1e-3", "scheduler.min_lr=1e-4",
+        "model.gradient_checkpointing=false", "logging.report_to=[]", "logging.progress_bar=false",
+    ]  # fmt: skip
+
+
+def _assert_same_run(one, two) -> None:
+    """The same 3 losses (rel 1e-5) and the same final weights (atol 1e-5) in two run folders."""
+    a, b = read_metrics(one), read_metrics(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{two}/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """accelerate launch --num_processes 2 (gloo on CPU) == 1 process with 2x accumulation."""
     data = write_jsonl(tmp_path / "sft.jsonl", ROWS)
-    common = [
-        "model.name_or_path=tiny-qwen2",
-        "training.mixed_precision=no",
-        "model.rope_scaling=null",
-        f"data.sources=[{{path: {data}}}]",
-        "data.max_length=128",
-        "data.packing=false",
-        "training.per_device_batch_size=1",
-        "training.max_steps=3",
-        "optimizer.lr=1e-3",
-        "scheduler.min_lr=1e-4",
-        "model.gradient_checkpointing=false",
-        "logging.report_to=[]",
-        "logging.progress_bar=false",
-    ]
+    common = _data_parallel_overrides(data)
     one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
     two = tmp_path / "two"
     launch_two_processes(
         "alignment/sft.py", "recipes/sft.yaml", [*common, "training.gradient_accumulation_steps=2"], two
     )
-    a, b = read_metrics(one), read_metrics(tmp_path / "two")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{tmp_path / 'two'}/model.safetensors")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    _assert_same_run(one, tmp_path / "two")
 
 
 def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
@@ -189,12 +190,7 @@ def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on CUDA the FSDP2 config shards: this checks the CPU fallback")
     data = write_jsonl(tmp_path / "sft.jsonl", ROWS)
-    common = [
-        "model.name_or_path=tiny-qwen2", "training.mixed_precision=no", "model.rope_scaling=null",
-        f"data.sources=[{{path: {data}}}]", "data.max_length=128", "data.packing=false",
-        "training.per_device_batch_size=1", "training.max_steps=3", "optimizer.lr=1e-3", "scheduler.min_lr=1e-4",
-        "model.gradient_checkpointing=false", "logging.report_to=[]", "logging.progress_bar=false",
-    ]  # fmt: skip
+    common = _data_parallel_overrides(data)
     one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
     two = tmp_path / "two"
     cmd = [
@@ -208,13 +204,7 @@ def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[train] FSDP was asked for, but without CUDA") == 1  # the main process only
-    a, b = read_metrics(one), read_metrics(two)
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{two}/model.safetensors")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    _assert_same_run(one, two)
 
 
 def test_two_machines_on_localhost_match_one_process(tmp_path):
@@ -227,61 +217,29 @@ def test_two_machines_on_localhost_match_one_process(tmp_path):
     import sys
 
     data = write_jsonl(tmp_path / "sft.jsonl", ROWS)
-    common = [
-        "model.name_or_path=tiny-qwen2", "training.mixed_precision=no", "model.rope_scaling=null",
-        f"data.sources=[{{path: {data}}}]", "data.max_length=128", "data.packing=false",
-        "training.per_device_batch_size=1", "training.max_steps=3", "optimizer.lr=1e-3", "scheduler.min_lr=1e-4",
-        "model.gradient_checkpointing=false", "logging.report_to=[]", "logging.progress_bar=false",
-    ]  # fmt: skip
+    common = _data_parallel_overrides(data)
     one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
     two = tmp_path / "two"
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    ranks = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--multi_gpu",
-                "--num_machines",
-                "2",
-                "--num_processes",
-                "2",
-                "--machine_rank",
-                str(rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                str(port),
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                str(REPO / "alignment/sft.py"),
-                str(REPO / "recipes/sft.yaml"),
-                *common,
-                "training.gradient_accumulation_steps=2",
-                f"training.output_dir={two}",
-            ],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
+
+    def launch(rank: int) -> subprocess.Popen:
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+            "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"), *common,
+            "training.gradient_accumulation_steps=2", f"training.output_dir={two}",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    ranks = [launch(0), launch(1)]
     for proc in ranks:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
-    a, b = read_metrics(one), read_metrics(two)
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    wa, wb = load_file(f"{one}/model.safetensors"), load_file(f"{two}/model.safetensors")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    _assert_same_run(one, two)
 
 
 def test_lora_sft_saves_adapter_and_merged_model_that_load_back(tmp_path):
