@@ -60,6 +60,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # bench/machine.py: the script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/preference/train.jsonl"
 DATA_SEED = 0  # ours shuffles the pairs with data.seed; TRL gets them in that same order
@@ -282,7 +284,7 @@ def main() -> None:
 
     report = {
         "model": args.model, "batch_pairs": args.batch, "max_length": args.max_length, "steps": args.steps,
-        "threads": args.threads, "cpu": _cpu(), "torch": torch.__version__, "trl": trl.__version__, "configs": {},
+        "threads": args.threads, "cpu": cpu_name(), "torch": torch.__version__, "trl": trl.__version__, "configs": {},
     }  # fmt: skip
     for name in args.configs:
         r = {which: run_child(which, name, args) for which in ("ours", "trl")}
@@ -303,13 +305,6 @@ def main() -> None:
     )
     print(table(report))
     print("ours/TRL > 1: ours trains more pairs per second; memory ours/TRL < 1: ours peaks lower.")
-
-
-def _cpu() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-    return "unknown"
 
 
 if __name__ == "__main__":

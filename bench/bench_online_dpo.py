@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # bench/machine.py: the script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
@@ -134,7 +136,7 @@ def main() -> None:
     ratio = results["trl"]["s_per_step"] / results["ours"]["s_per_step"]
     report = {
         "model": args.model, "reward_model": args.reward_model, "answers_per_step": args.prompts * args.samples,
-        "max_new_tokens": args.max_new_tokens, "cpu": _cpu(), "ours": results["ours"], "trl": results["trl"],
+        "max_new_tokens": args.max_new_tokens, "cpu": cpu_name(), "ours": results["ours"], "trl": results["trl"],
         "speedup_s_per_step": ratio,
         "speedup_answers_per_s": results["ours"]["answers_per_s"] / results["trl"]["answers_per_s"],
     }  # fmt: skip
@@ -143,13 +145,6 @@ def main() -> None:
     print(
         f"ours {results['ours']['s_per_step']:.1f} s/step, TRL {results['trl']['s_per_step']:.1f} s/step: {ratio:.2f}x"
     )
-
-
-def _cpu() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-    return "unknown"
 
 
 if __name__ == "__main__":
