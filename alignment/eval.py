@@ -126,8 +126,8 @@ class EvalConfig:
     output: str | None = None
 
     def __post_init__(self) -> None:
-        long_inputs = self.model_config(self.model)  # ModelConfig checks dca against attn_implementation
-        if long_inputs is not None and self.generation.backend != "transformers":
+        # model_config builds a ModelConfig, which checks dca against attn_implementation.
+        if self.model_config(self.model) is not None and self.generation.backend != "transformers":
             raise ValueError(
                 f"attn_implementation {self.attn_implementation} / rope_scaling apply to the transformers backend "
                 f"only, but generation.backend is {self.generation.backend}; set generation.backend: transformers"
@@ -327,8 +327,9 @@ def start_model_answers(cfg: EvalConfig, start: str, examples, model_path: str, 
     if backend == "auto":
         backend = "vllm" if vllm_available() else "transformers"
     settings = {"max_new_tokens": cfg.max_new_tokens, "backend": backend, "dtype": cfg.dtype}
-    if cfg.model_config(start) is not None:  # the long-input settings change the answers: part of the key
-        settings |= {"model": to_dict(cfg.model_config(start)) | {"name_or_path": None}}
+    start_cfg = cfg.model_config(start)
+    if start_cfg is not None:  # the long-input settings change the answers: part of the key
+        settings |= {"model": to_dict(start_cfg) | {"name_or_path": None}}
     fingerprint = fingerprint_weights(start)
     key = cache_key("answers", fingerprint, prompt_ids, settings)
 
@@ -341,7 +342,7 @@ def start_model_answers(cfg: EvalConfig, start: str, examples, model_path: str, 
             start,
             tokenizer,
             cfg.dtype,
-            model_cfg=cfg.model_config(start),
+            model_cfg=start_cfg,
         )
         print(f"[eval] generating the start model's answers with {start} (backend {gen.name})", flush=True)
         try:
