@@ -97,7 +97,7 @@ class Generator(Protocol):
     name: str
 
     def generate(
-        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, json_schema: dict | None = None
     ) -> list[list[Completion]]: ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
@@ -200,8 +200,13 @@ class VLLMGenerator:
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
         )
 
-    def generate(self, prompt_ids, n, sampling):
-        outs = self._run(prompt_ids, self._params(n, sampling))
+    def generate(self, prompt_ids, n, sampling, json_schema=None):
+        extra = {}
+        if json_schema is not None:  # vLLM's structured outputs (xgrammar): the answer parses as the schema
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=json_schema)
+        outs = self._run(prompt_ids, self._params(n, sampling, **extra))
         return [
             [Completion(o.text, list(o.token_ids), o.finish_reason == "stop") for o in out.outputs]
             for out in outs
@@ -276,12 +281,13 @@ class VLLMServerGenerator:
         }
         return self._request("POST", "/v1/completions", body)
 
-    def generate(self, prompt_ids, n, sampling):
+    def generate(self, prompt_ids, n, sampling, json_schema=None):
         from concurrent.futures import ThreadPoolExecutor
 
+        extra = {} if json_schema is None else {"structured_outputs": {"json": json_schema}}
         # One request per prompt, sent together: the server batches them.
         with ThreadPoolExecutor(max_workers=min(32, max(1, len(prompt_ids)))) as pool:
-            replies = list(pool.map(lambda p: self._completions(p, n, sampling), prompt_ids))
+            replies = list(pool.map(lambda p: self._completions(p, n, sampling, **extra), prompt_ids))
         out = []
         for reply in replies:
             choices = sorted(reply["choices"], key=lambda c: c["index"])
@@ -370,9 +376,14 @@ class TransformersGenerator:
         self.stop_ids = _stop_ids(tokenizer)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.warned_schema = False
 
     @torch.no_grad()
-    def generate(self, prompt_ids, n, sampling):
+    def generate(self, prompt_ids, n, sampling, json_schema=None):
+        if json_schema is not None and not self.warned_schema:
+            print("[generation] transformers backend: the JSON schema is not enforced (vLLM enforces it); "
+                  "answers that do not parse are the caller's to drop and count", flush=True)  # fmt: skip
+            self.warned_schema = True
         out = []
         for prompt in prompt_ids:  # one prompt at a time: no padding inside a prompt's n answers
             ids = torch.tensor([list(prompt)] * n)

@@ -10,6 +10,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+
+def _synthesis_pipelines() -> dict[str, str]:
+    from data_synthesis.runner import PIPELINES
+
+    return PIPELINES
+
+
 SCHEMAS: dict[str, tuple[str, str]] = {
     "sft.yaml": ("alignment.sft", "SFTConfig"),
     "sft_qwen2.yaml": ("alignment.sft", "SFTConfig"),
@@ -23,6 +30,8 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     "eval.yaml": ("alignment.eval", "EvalConfig"),
     "upcycle.yaml": ("alignment.upcycle", "UpcycleConfig"),
     "rejection_sampling.yaml": ("data_synthesis.rejection_sampling", "RejectionSamplingConfig"),
+    # Synthesis pipelines (python -m data_synthesis RECIPE): recipes/data/<pipeline>.yaml, each its module's Config.
+    **{f"data/{name}.yaml": (module, "Config") for name, module in _synthesis_pipelines().items()},
 }
 
 
