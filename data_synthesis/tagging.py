@@ -12,7 +12,8 @@ fine-grained tags, each with a short reason, as JSON; the tags are then normalis
    list of ``{"tag", "explanation"}``) where the engine can (vLLM's structured outputs, an endpoint's
    ``response_format``; the transformers backend does not enforce it).
 3. ``parse``: the JSON is read; rows whose answer does not parse (``invalid_json``) or holds no usable tag
-   (``no_tags``) are dropped. A tag is usable when it has 1..``max_tag_words`` words after normalisation.
+   (``no_tags``) are dropped. A tag is usable when it has 1..``max_tag_words`` words after normalisation and
+   one of them is a word of two or more letters (numbers such as "21" or "8/9" are not tags).
 4. ``normalise``: InsTag's rule aggregation, then merging, then frequency filtering, over the whole dataset:
    - rule aggregation: lowercase; every character other than a letter or digit becomes a space; English
      plurals become singular (``lemma``: a rule-based lemmatiser of plural nouns, since WordNet is not available
@@ -57,17 +58,24 @@ from data_synthesis.runner import SynthesisConfig
 
 # InsTag's tagging prompt (paraphrased from the paper's appendix): open-set tags of the user's intent.
 TAG_TEMPLATE: Messages = [
-    {
-        "role": "user",
-        "content": (
-            "You are a helpful assistant. Identify the intentions behind the user query below. Give fine-grained "
-            "tags for the skills and topics it needs (for example: 'python programming', 'sorting', 'creative "
-            "writing', 'arithmetic', 'word count constraint'), each with a one-sentence explanation. Answer only "
-            'with JSON of the form {{"tags": [{{"tag": str, "explanation": str}}]}}.\n\n'
-            "User query: {instruction}"
-        ),
-    }
-]
+    {"role": "system", "content": (
+        "You tag user queries. Identify the intentions behind the query: give up to four short, fine-grained "
+        "tags for the skills and topics it needs, each with a one-sentence explanation. Answer only with JSON "
+        'of the form {{"tags": [{{"tag": str, "explanation": str}}]}}.')},
+    # Two worked examples (one-shot each way), so a small model sees what a tag is; their tags are not in the
+    # data, so the model copying them shows up as tags the frequency filter or the ontology makes visible.
+    {"role": "user", "content": "User query: Write a haiku about autumn leaves."},
+    {"role": "assistant", "content": (
+        '{{"tags": [{{"tag": "poetry", "explanation": "asks for a poem"}}, {{"tag": "haiku form", "explanation": '
+        '"the poem must follow the 5-7-5 haiku form"}}, {{"tag": "nature imagery", "explanation": "the topic is '
+        'autumn leaves"}}]}}')},
+    {"role": "user", "content": "User query: A bus travels 90 km in 1.5 hours. What is its average speed?"},
+    {"role": "assistant", "content": (
+        '{{"tags": [{{"tag": "speed calculation", "explanation": "speed is distance over time"}}, {{"tag": '
+        '"division", "explanation": "90 is divided by 1.5"}}, {{"tag": "unit rate", "explanation": "the answer '
+        'is in km per hour"}}]}}')},
+    {"role": "user", "content": "User query: {instruction}"},
+]  # fmt: skip
 
 TAG_SCHEMA = {
     "type": "object",
@@ -77,13 +85,13 @@ TAG_SCHEMA = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "tag": {"type": "string", "maxLength": 48},
-                    "explanation": {"type": "string", "maxLength": 160},
+                    "tag": {"type": "string", "maxLength": 40},
+                    "explanation": {"type": "string", "maxLength": 100},
                 },
                 "required": ["tag", "explanation"],
             },
             "minItems": 1,
-            "maxItems": 6,
+            "maxItems": 4,
         }
     },
     "required": ["tags"],
@@ -187,7 +195,8 @@ def _parse(cfg: Config):
             if isinstance(item, dict) and isinstance(item.get("tag"), str):
                 tag = item["tag"].strip()
                 words = normalise_tag(tag).split()
-                if 1 <= len(words) <= cfg.max_tag_words:
+                # A tag names a skill or topic: it has a word of two letters or more ("21" or "8/9" is not one).
+                if 1 <= len(words) <= cfg.max_tag_words and any(re.fullmatch(r"[a-z]{2,}", w) for w in words):
                     raw.append({"tag": tag, "explanation": str(item.get("explanation", "")).strip()})
         if not raw:
             return "no_tags: " + r.data["tag_answer"][:120]

@@ -36,7 +36,7 @@ def test_merge_tags_by_word_set_and_ratio():
 
 
 TAGS = {
-    "Add 2 and 3.": [("Arithmetic", "adds numbers"), ("Math Problems", "a math task")],
+    "Add 2 and 3.": [("Arithmetic", "adds numbers"), ("Math Problems", "a math task"), ("8/9", "a number")],
     "Sort the list 3 1 2.": [("sorting", "orders items"), ("Lists", "works on a list")],
     "Add 7 and 9.": [("arithmetics", "adds"), ("math problem", "math")],
     "Sort the words b a.": [("Sorting", "orders words"), ("a very long tag with far too many words", "x")],
