@@ -29,7 +29,6 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     "chain_smoke.yaml": ("alignment.chain", "ChainOverlayConfig"),
     "eval.yaml": ("alignment.eval", "EvalConfig"),
     "upcycle.yaml": ("alignment.upcycle", "UpcycleConfig"),
-    "rejection_sampling.yaml": ("data_synthesis.rejection_sampling", "RejectionSamplingConfig"),
     # Synthesis pipelines (python -m data_synthesis RECIPE): recipes/data/<pipeline>.yaml, each its module's Config.
     **{f"data/{name}.yaml": (module, "Config") for name, module in _synthesis_pipelines().items()},
 }

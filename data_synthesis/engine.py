@@ -283,7 +283,8 @@ def render(template: Messages, data: dict[str, Any]) -> Messages:
 
 class Generate(Step):
     """Sample ``n`` answers per record from the context's backend for a chat ``template`` (a list of messages
-    whose contents hold ``{column}`` fields), cached sample by sample.
+    whose contents hold ``{column}`` fields), or for the conversation a record holds in column ``conversation``
+    (a list of messages, as ``Prompt`` writes it), cached sample by sample.
 
     Writes ``output`` (the text; a list of n texts when ``n > 1``) and ``output + "_finished"`` (whether each
     answer ended by itself rather than at ``max_new_tokens``). ``json_schema``: the engine constrains the answer
@@ -292,23 +293,27 @@ class Generate(Step):
     def __init__(
         self,
         name: str,
-        template: Messages,
+        template: Messages | None,
         output: str,
         n: int = 1,
         sampling: SamplingConfig | None = None,
         json_schema: dict | None = None,
         template_name: str | None = None,
         backend: Backend | None = None,
+        conversation: str | None = None,
     ):
         if n < 1:
             raise ValueError(f"{name}: n must be >= 1, got {n}")
+        if (template is None) == (conversation is None):
+            raise ValueError(f"{name}: give a template or a conversation column, not both or neither")
+        self.conversation = conversation
         self.name, self.template, self.output, self.n = name, template, output, n
         self.sampling = sampling or SamplingConfig()
         self.json_schema = json_schema
         self.template_name = template_name or name
         # Its own backend (another model for this step; closed when the step ends), else the context's.
         self.backend = backend
-        self.needs = tuple(sorted(template_fields(template)))
+        self.needs = (conversation,) if conversation else tuple(sorted(template_fields(template)))
         self.makes = (output, output + "_finished")
 
     def settings(self) -> dict[str, Any]:
@@ -335,7 +340,10 @@ class Generate(Step):
         fingerprint = None
         for start in range(0, len(records), ctx.batch_size):
             batch = records[start : start + ctx.batch_size]
-            convs = [render(self.template, r.data) for r in batch]
+            if self.conversation:
+                convs = [r.data[self.conversation] for r in batch]
+            else:
+                convs = [render(self.template, r.data) for r in batch]
             if fingerprint is None:
                 fingerprint = backend.fingerprint
             keys = [
@@ -477,6 +485,30 @@ def instruction_text(data: dict[str, Any]) -> str | None:
     return None
 
 
+class Prompt(Step):
+    """Reads each row's conversation into the ``prompt`` column (a list of messages ending with a user or system
+    turn), from any of TRL's prompt formats (``prompt`` as text or turns, or ``messages`` whose last assistant
+    turn is left out); a row that has none is dropped as ``bad_prompt`` with the reason."""
+
+    name = "prompt"
+    makes = ("prompt",)
+
+    def run(self, records, ctx):
+        from alignment.data import normalize_prompt_row
+
+        kept = []
+        for r in records:
+            try:
+                example = normalize_prompt_row(r.data, f"row {r.id}")
+            except DataError as e:
+                ctx.drop(r, "bad_prompt", str(e))
+                continue
+            if r.data.get("prompt") != example.prompt:
+                r.set("prompt", example.prompt, self.name)
+            kept.append(r)
+        return kept
+
+
 class Instruction(Step):
     """Reads each row's instruction into the ``instruction`` column; rows with none (or an empty one) are dropped
     as ``no_instruction``."""
@@ -524,12 +556,12 @@ def parse_json_answer(text: str) -> Any:
     raise ValueError("no JSON value in the answer")
 
 
-def chat_row(prompt: Messages, answer: str, **extra: Any) -> dict[str, Any]:
+def chat_row(prompt: Messages, answer: str, /, **extra: Any) -> dict[str, Any]:
     """An SFT demonstration in the trainers' format."""
     return {"messages": [*prompt, {"role": "assistant", "content": answer}], **extra}
 
 
-def preference_row(prompt: Messages, chosen: str, rejected: str, **extra: Any) -> dict[str, Any]:
+def preference_row(prompt: Messages, chosen: str, rejected: str, /, **extra: Any) -> dict[str, Any]:
     """A preference pair in the trainers' format (TRL's conversational implicit-prompt-free form)."""
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}], **extra}  # fmt: skip

@@ -1,6 +1,6 @@
 """Rejection sampling: the policy's own reasoning paths, checked, as SFT demonstrations and preference pairs.
 
-    python -m data_synthesis.rejection_sampling recipes/rejection_sampling.yaml model=outputs/sft
+    python -m data_synthesis recipes/data/rejection_sampling.yaml backend.model=outputs/sft
 
 The Qwen2 report's automated synthesis for tasks with a final answer (section 4.2): sample N reasoning paths
 per problem from the policy, keep the paths whose final answer the verifier accepts as demonstrations, and pair
@@ -13,12 +13,18 @@ rejected answers are written by templates (an answer off by ten, a skipped step)
 mistakes (a wrong product in the first step). DPO on the template pairs lowered greedy accuracy on the dev
 split (0.325 -> 0.24 at lr 5e-6); the policy's own correct-vs-incorrect paths are the errors it actually makes.
 
+It runs on the synthesis engine (``data_synthesis/runner.py``): steps ``prompt`` (rows without a usable
+prompt are dropped as ``bad_prompt``), ``gold`` (rows without the gold answer: ``no_gold_answer``),
+``sample`` (N answers, cached: a rerun with other pair settings samples nothing), ``verify`` and ``select``
+(rows with no correct finished path are dropped as ``no_correct_path``; a row with correct paths and no
+incorrect one gives demonstrations and no pair).
+
 Writes into ``out_dir``:
 - ``preference.jsonl``: ``prompt``, ``chosen``, ``rejected`` (+ the row's other columns): per prompt up to
   ``pairs_per_prompt`` pairs, each a different correct and a different incorrect path (seeded choice);
 - ``sft.jsonl``: ``messages`` (+ columns): up to ``demos_per_prompt`` distinct correct paths per prompt;
-- ``stats.json``: prompts, samples, correct samples, prompts with no correct / no incorrect path, pairs, demos,
-  unfinished samples, samples the verifier could not score, seconds and tokens per second.
+- ``stats.json``: the runner's per-step counts, plus samples, correct samples, prompts with no incorrect path,
+  pairs, demos, unfinished samples and samples the verifier could not score.
 
 Rules: an answer that did not finish (no end-of-turn token within ``sampling.max_new_tokens``) is never a
 demonstration or a chosen answer (it may be a rejected one: it reached no correct answer); byte-identical
@@ -30,48 +36,42 @@ correct final answer reached by wrong steps passes, as in the report's rejection
 
 from __future__ import annotations
 
-import json
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from alignment.config import ConfigError, parse_cli, run_cli, to_dict
-from alignment.data import DataError
-from alignment.evaluation import load_prompts, sample
-from alignment.generation import GenerationConfig, SamplingConfig, make_generator
-from alignment.models import load_tokenizer, resolve_model
+from alignment.config import run_cli
+from alignment.generation import SamplingConfig
+from data_synthesis.backends import BackendConfig
+from data_synthesis.engine import Generate, Map, Prompt, Record, Step, chat_row, preference_row, write_jsonl
+from data_synthesis.runner import SynthesisConfig
 
 
 @dataclass
-class RejectionSamplingConfig:
-    # The policy that samples: a model folder or a built-in name.
-    model: str = "outputs/sft"
+class Config(SynthesisConfig):
+    pipeline: str = "rejection_sampling"
     # Rows with a prompt and the gold answer (data/prompts, data/preference or any TRL prompt format).
-    prompts: str = "data/prompts/train.jsonl"
-    # The first N rows (0: all).
-    max_prompts: int = 0
+    input: str = "data/prompts/train.jsonl"
+    out_dir: str = "outputs/rejection_sampling"
+    # The policy that samples (backend.model): the SFT model by default.
+    backend: BackendConfig = field(default_factory=lambda: BackendConfig(model="outputs/sft"))
     # The column holding the gold final answer.
     answer_column: str = "answer"
     num_samples: int = 8
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(temperature=0.8, max_new_tokens=192)
     )
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    dtype: Literal["float32", "bfloat16"] = "float32"
     pairs_per_prompt: int = 2
     demos_per_prompt: int = 1
-    seed: int = 0
-    out_dir: str = "outputs/rejection_sampling"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_samples < 2:
             raise ValueError(
                 f"num_samples must be >= 2 to find a correct and an incorrect path, got {self.num_samples}"
             )
-        for name in ("pairs_per_prompt", "demos_per_prompt", "max_prompts"):
+        for name in ("pairs_per_prompt", "demos_per_prompt"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -111,94 +111,117 @@ def select(
     return Selection(pairs=list(zip(chosen[:k], rejected[:k])), demos=chosen[:demos_per_prompt])
 
 
+class Verify(Step):
+    """The ``math`` reward of every sample against the row's gold answer (one verifier for the whole run)."""
+
+    name = "verify"
+    needs = ("prompt", "samples")
+    makes = ("scores",)
+
+    def __init__(self, answer_column: str):
+        self.answer_column = answer_column
+        self.needs = ("prompt", "samples", answer_column)
+
+    def run(self, records, ctx):
+        from reward.math_reward import MathReward
+
+        verifier = MathReward(answer_column=self.answer_column)
+        try:
+            for r in records:
+                texts = r.data["samples"]
+                out = verifier([r.data["prompt"]] * len(texts), texts,
+                               **{self.answer_column: [r.data[self.answer_column]] * len(texts)})  # fmt: skip
+                r.set("scores", list(out.scores), self.name, reward="math", answer_column=self.answer_column)
+        finally:
+            verifier.close()
+        return records
+
+
+class Select(Step):
+    name = "select"
+    needs = ("samples", "samples_finished", "scores")
+    makes = ("pairs", "demos")
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+
+    def run(self, records, ctx):
+        kept = []
+        for r in records:
+            scores, done = r.data["scores"], r.data["samples_finished"]
+            sel = select(r.data["samples"], scores, done, self.rng, self.cfg.pairs_per_prompt,
+                         self.cfg.demos_per_prompt)  # fmt: skip
+            if not any(s is not None and s >= 1.0 and d for s, d in zip(scores, done)):
+                ctx.drop(r, "no_correct_path", f"{sum(s is None for s in scores)} unscored")
+                continue
+            r.set("pairs", [list(p) for p in sel.pairs], self.name, seed=self.cfg.seed)
+            r.set("demos", sel.demos, self.name)
+            kept.append(r)
+        return kept
+
+
+def _has_gold(column: str):
+    def check(r: Record) -> str | None:
+        return (
+            None if r.data.get(column) not in (None, "") else f"no_gold_answer: field {column!r} is missing"
+        )
+
+    return check
+
+
+def steps(cfg: Config) -> list[Step]:
+    return [
+        Prompt(),
+        Map("gold", _has_gold(cfg.answer_column), makes=(cfg.answer_column,)),  # rows that go on have it
+        Generate(
+            "sample",
+            None,
+            "samples",
+            n=cfg.num_samples,
+            sampling=cfg.sampling,
+            conversation="prompt",
+            template_name="the row's prompt",
+        ),  # fmt: skip
+        Verify(cfg.answer_column),
+        Select(cfg),
+    ]
+
+
+def write(result, cfg: Config, out: Path) -> dict[str, int]:
+    own = {"prompt", "messages", "chosen", "rejected", "samples", "samples_finished", "scores", "pairs", "demos",
+           "instruction"}  # fmt: skip
+    pref_rows, sft_rows = [], []
+    for r in result.records:
+        extra = {k: v for k, v in r.data.items() if k not in own}
+        extra |= {"source_id": r.id, "provenance": r.provenance}
+        pref_rows += [preference_row(r.data["prompt"], c, rj, **extra) for c, rj in r.data["pairs"]]
+        sft_rows += [chat_row(r.data["prompt"], d, **extra) for d in r.data["demos"]]
+    # Counts over every sampled row (kept, or dropped at select for having no correct path).
+    sampled = [r for r in result.records] + [d.record for d in result.dropped if d.step == "select"]
+    samples = [s for r in sampled for s in r.data["scores"]]
+    finished = [f for r in sampled for f in r.data["samples_finished"]]
+    result.stats.update({
+        "samples": len(samples),
+        "correct": sum(s is not None and s >= 1.0 for s in samples),
+        "unscored": sum(s is None for s in samples),
+        "unfinished": sum(not f for f in finished),
+        "no_incorrect": sum(not any(s is not None and s < 1.0 for s in r.data["scores"]) for r in result.records),
+        "sample_accuracy": round(sum(s is not None and s >= 1.0 for s in samples) / max(1, len(samples)), 4),
+    })  # fmt: skip
+    return {"preference.jsonl": write_jsonl(out / "preference.jsonl", pref_rows),
+            "sft.jsonl": write_jsonl(out / "sft.jsonl", sft_rows)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
-    from reward.math_reward import MathReward
+    """``python -m data_synthesis.rejection_sampling RECIPE [key=value ...]``: the runner with this pipeline."""
+    from data_synthesis import runner
 
     args = sys.argv[1:] if argv is None else argv
-    cfg: RejectionSamplingConfig = parse_cli(RejectionSamplingConfig, args)
-    where = args[0] if args and "=" not in args[0] else "command line"
-    t0 = time.perf_counter()
-
-    # Data first: a bad row or a missing answer column fails before any model loads.
-    if not Path(cfg.prompts).is_file():
-        raise ConfigError(f"{where}: prompts: {cfg.prompts} is not a file")
-    examples = load_prompts(cfg.prompts, cfg.max_prompts)
-    for i, ex in enumerate(examples, 1):
-        if ex.columns.get(cfg.answer_column) in (None, ""):
-            raise DataError(f"{cfg.prompts}: row {i}: field {cfg.answer_column!r}: missing (the gold answer)")
-    try:
-        path = resolve_model(cfg.model)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{where}: model: {e}") from None
-    tokenizer = load_tokenizer(path)
-
-    print(
-        f"[rejection sampling] {len(examples)} prompts x {cfg.num_samples} samples from {cfg.model}",
-        flush=True,
-    )
-    generator = make_generator(cfg.generation, path, tokenizer, cfg.dtype)
-    t_gen = time.perf_counter()
-    answers = sample(generator, tokenizer, examples, cfg.num_samples, cfg.sampling)
-    t_gen = time.perf_counter() - t_gen
-    generator.close()
-
-    verifier = MathReward(answer_column=cfg.answer_column)
-    flat = [c for a in answers for c in a]
-    golds = [ex.columns[cfg.answer_column] for ex, a in zip(examples, answers) for _ in a]
-    scored = verifier([ex.prompt for ex, a in zip(examples, answers) for _ in a], [c.text for c in flat],
-                      **{cfg.answer_column: golds})  # fmt: skip
-    verifier.close()
-
-    rng = random.Random(cfg.seed)
-    pref_rows, sft_rows = [], []
-    stats = dict.fromkeys(("no_correct", "no_incorrect", "unfinished", "unscored", "correct"), 0)
-    i = 0
-    for ex, group in zip(examples, answers):
-        scores = scored.scores[i : i + len(group)]
-        i += len(group)
-        stats["correct"] += sum(s is not None and s >= 1.0 for s in scores)
-        stats["unscored"] += sum(s is None for s in scores)
-        stats["unfinished"] += sum(not c.finished for c in group)
-        sel = select([c.text for c in group], scores, [c.finished for c in group], rng,
-                     cfg.pairs_per_prompt, cfg.demos_per_prompt)  # fmt: skip
-        if not any(s is not None and s >= 1.0 and c.finished for s, c in zip(scores, group)):
-            stats["no_correct"] += 1
-        if not any(s is not None and s < 1.0 for s in scores):
-            stats["no_incorrect"] += 1
-        extra = {k: v for k, v in ex.columns.items() if k not in ("chosen", "rejected", "messages")}
-        for chosen, rejected in sel.pairs:
-            pref_rows.append({"prompt": ex.prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                              "rejected": [{"role": "assistant", "content": rejected}], **extra})  # fmt: skip
-        for demo in sel.demos:
-            sft_rows.append({"messages": [*ex.prompt, {"role": "assistant", "content": demo}], **extra})
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("preference.jsonl", pref_rows), ("sft.jsonl", sft_rows)):
-        with open(out / name, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tokens = sum(len(c.token_ids) for c in flat)
-    stats = {
-        "prompts": len(examples),
-        "samples": len(flat),
-        **stats,
-        "pairs": len(pref_rows),
-        "demos": len(sft_rows),
-        "sample_accuracy": stats["correct"] / max(1, len(flat)),
-        "seconds": time.perf_counter() - t0,
-        "generation_seconds": t_gen,
-        "tokens_per_second": tokens / max(t_gen, 1e-9),
-        "config": to_dict(cfg),
-    }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(
-        f"[rejection sampling] {stats['correct']}/{len(flat)} samples correct; {len(pref_rows)} pairs, "
-        f"{len(sft_rows)} demonstrations; {stats['no_correct']} prompts with no correct path, "
-        f"{stats['no_incorrect']} with no incorrect one; {stats['seconds']:.0f} s -> {out}",
-        flush=True,
-    )
-    return stats
+    if not (args and "=" not in args[0]):
+        args = ["pipeline=rejection_sampling", *args]
+    module, cfg = runner.load_recipe(args)
+    return runner.run(module, cfg)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ PIPELINES: dict[str, str] = {
     "repurposing": "data_synthesis.repurposing",  # literary passages -> instructions
     "roleplay": "data_synthesis.roleplay",  # character profiles -> consistent role-play answers
     "constitutional": "data_synthesis.constitutional",  # principles -> following vs violating answers
+    "rejection_sampling": "data_synthesis.rejection_sampling",  # checked reasoning paths of the policy
 }
 
 DEFAULT_CACHE = "~/.cache/alignment/synthesis/generations.sqlite"
