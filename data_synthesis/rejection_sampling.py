@@ -53,7 +53,7 @@ class Config(SynthesisConfig):
     pipeline: str = "rejection_sampling"
     # Rows with a prompt and the gold answer (data/prompts, data/preference or any TRL prompt format).
     input: str = "data/prompts/train.jsonl"
-    out_dir: str = "outputs/rejection_sampling"
+    out_dir: str = "outputs/data/rejection_sampling"
     # The policy that samples (backend.model): the SFT model by default.
     backend: BackendConfig = field(default_factory=lambda: BackendConfig(model="outputs/sft"))
     # The column holding the gold final answer.
