@@ -1,0 +1,574 @@
+"""AutoIF: instruction-following data checked by model-written verification functions run in the sandbox.
+
+    python -m data_synthesis recipes/data/autoif.yaml
+    python -m data_synthesis recipes/data/autoif.yaml dry_run=3    # every step on 3 constraints, printed
+
+Follows Dong et al. 2024, "Self-play with Execution Feedback: Improving Instruction-following Capabilities
+of Large Language Models" (AutoIF), which the Qwen2 technical report uses for instruction following (section
+4.2, "Execution Feedback"): for each instruction with a verifiable constraint (a length limit, say), the
+model writes Python functions that check a response against it and test cases for those functions; the
+functions that the cases confirm then judge sampled responses. Every model-written function runs in the
+project's sandbox (``reward/sandbox.py``), through the harness of the ``verifier`` reward
+(``reward/verifier.py``).
+
+Input rows (``data_synthesis/autoif_constraints.jsonl``): ``instruction``, one verifiable constraint ("Do
+not use any commas in your answer."). Queries (``queries``: ``data_synthesis/autoif_queries.jsonl``, rows
+with ``query``) are general requests the constraints are attached to.
+
+Steps and their exact rules (drop reasons in brackets; every drop is counted in ``stats.json``):
+1. ``instruction``: a row without a constraint is dropped [no_instruction].
+2. ``write_functions``: ``num_functions`` answers to FUNCTION_TEMPLATE; ``write_cases``: ``num_case_sets``
+   answers to CASES_TEMPLATE (sampled apart from the functions, so a function is not judged by cases its
+   own answer wrote).
+3. ``parse``: a function's code is its fenced Python block that defines ``evaluate``; one that does not
+   parse or has no top-level ``def evaluate`` [no_evaluate] or repeats an earlier one [duplicate_function]
+   is dropped. Cases: the JSON list (or the ``cases`` key) of each case answer; an answer with none
+   [cases_unparsable]; a case without a string ``response`` and a boolean ``expected`` ("true"/"false"
+   strings are read as booleans; ``input``/``output`` are read as well) [case_malformed]; a repeat
+   [duplicate_case]. A constraint left with no function [no_functions] or no case [no_cases] is dropped.
+4. ``cross_validate``: every function runs on every case in the sandbox (one job per case, all functions in
+   it, each under ``per_function_timeout_s``). A function *agrees* with a case when it returns exactly the
+   case's ``expected`` (raising, timing out or returning a non-bool disagrees). Functions that agree with
+   fewer than ``min_case_accuracy`` of the cases are dropped [function_inaccurate]; then cases that a strict
+   majority of the kept functions disagree with [case_disputed]. A constraint keeps its functions when at
+   least ``min_functions`` survive, else it is dropped [too_few_functions].
+5. ``pair_queries``: each kept constraint is joined with ``queries_per_constraint`` queries (0: all), drawn
+   by a shuffle seeded by ``seed`` and the constraint's id: one row per (query, constraint), with the id
+   ``<constraint id>|<query id>``.
+6. ``answer``: ``num_answers`` answers to ANSWER_TEMPLATE (the query, then the constraint).
+7. ``judge``: each answer's score is the ``verifier`` reward with the kept functions: the share of functions
+   that return True, among those that return a verdict. An answer no function could judge is dropped
+   [unjudged]; an answer with score >= ``accept`` that was cut at ``sampling.max_new_tokens`` is dropped
+   [unfinished]. Accepted: score >= ``accept``; rejected: score <= ``reject``. A row with no accepted answer
+   is dropped [no_accepted_answer]. Demonstrations: up to ``demos_per_prompt`` accepted answers; pairs: up
+   to ``pairs_per_prompt`` (accepted, rejected), each answer in one pair at most, seeded by ``seed`` and the
+   row id; byte-identical answers count once and never pair.
+
+Functions, cases and answers are dropped like rows: each lands in ``dropped.jsonl`` (its text in ``text``)
+and is counted by reason beside the rows. Its id is ``<row id>#`` and: ``function_answer<i>``,
+``case_answer<i>``, ``answer<i>`` (i: the sample), ``raw_case<j>`` (j: the case object, over all case
+answers), ``function<j>`` or ``case<j>`` (j: its place in the row's ``functions`` or ``cases``).
+
+Writes into ``out_dir``:
+- ``sft.jsonl``: ``messages`` (query + constraint, then an accepted answer), ``source_id``,
+  ``constraint_id``, ``query_id``, ``score``, ``provenance``;
+- ``preference.jsonl``: ``prompt``, ``chosen``, ``rejected``, ``source_id``, ``constraint_id``,
+  ``query_id``, ``chosen_score``, ``rejected_score``, ``provenance``;
+- ``verifiers.jsonl``: each kept constraint: ``constraint_id``, ``instruction``, ``verifiers`` (the kept
+  functions: the ``verifier`` reward's column), ``cases`` (the kept ones), ``function_accuracy``.
+
+Deliberate simplifications:
+- AutoIF's other checks are left out: back-translating a function into an instruction and testing that it
+  entails the original, and an LLM check that query and constraint do not conflict. The constraints shipped
+  here are written to fit any query.
+- Cases and functions come from the same model: a constraint it misreads the same way in both survives.
+  Cases only validate the functions; the answers are judged by the functions alone.
+- A 135M model (``smollm2-135m-instruct``) cannot write these functions: in a dry run on 5 constraints 12 of
+  20 function answers did not parse or define ``evaluate``, the other 8 compared the response with fixed
+  strings and failed cross-validation, and the cases copied the prompt's example; every constraint was
+  dropped. The filters carry the quality, and they let nothing through here; point ``backend.model`` (or
+  ``backend.kind: openai`` + ``backend.url``) at a larger model for real data.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignment.data import DataError
+from alignment.generation import SamplingConfig
+from data_synthesis.code_feedback import as_list, check_templates, drop_item, pick, row_rng, solution_code
+from data_synthesis.engine import (
+    Context,
+    Generate,
+    Instruction,
+    Messages,
+    Record,
+    Result,
+    Step,
+    chat_row,
+    parse_json_answer,
+    preference_row,
+    read_rows,
+    render,
+    write_jsonl,
+)
+from data_synthesis.runner import SynthesisConfig
+from reward.code_reward import read_reports
+from reward.sandbox import Sandbox, SandboxConfig, SandboxJob, Status
+from reward.verifier import _HARNESS as VERIFIER_HARNESS
+from reward.verifier import VerifierReward
+
+# Paraphrases of AutoIF's prompts (Dong et al. 2024): its verification-function prompt asks for a function
+# `evaluate(response)` returning True when the response follows the instruction, and for test cases with
+# expected outputs. Here functions and cases are asked for apart. Override with the recipe's `templates:`.
+FUNCTION_TEMPLATE: Messages = [
+    {
+        "role": "user",
+        "content": "You write Python functions that check whether a response follows an instruction "
+        "exactly.\n\nInstruction: {instruction}\n\nWrite a Python function "
+        "`evaluate(response: str) -> bool` that returns True when the response follows the instruction and "
+        "False when it does not. Use only the standard library. Reply with the function in one ```python "
+        "code block.",
+    }
+]
+CASES_TEMPLATE: Messages = [
+    {
+        "role": "user",
+        "content": "Instruction: {instruction}\n\nWrite test cases for a checker of this instruction: short "
+        "example responses, some that follow the instruction and some that do not. Reply with JSON only, in "
+        'this form: {{"cases": [{{"response": "an example response", "expected": true}}, '
+        '{{"response": "another example", "expected": false}}]}}. Give 6 cases.',
+    }
+]
+ANSWER_TEMPLATE: Messages = [{"role": "user", "content": "{query}\n\n{instruction}"}]
+TEMPLATES = {"function": FUNCTION_TEMPLATE, "cases": CASES_TEMPLATE, "answer": ANSWER_TEMPLATE}
+
+# The shape CASES_TEMPLATE asks for; engines that can (vLLM, OpenAI-compatible servers) hold the answer to it.
+CASES_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "cases": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"response": {"type": "string"}, "expected": {"type": "boolean"}},
+                "required": ["response", "expected"],
+            },
+        }
+    },
+    "required": ["cases"],
+}
+
+
+@dataclass
+class Config(SynthesisConfig):
+    pipeline: str = "autoif"
+    input: str = "data_synthesis/autoif_constraints.jsonl"
+    out_dir: str = "outputs/data/autoif"
+    # General requests the constraints are attached to (rows with a `query` column).
+    queries: str = "data_synthesis/autoif_queries.jsonl"
+    queries_per_constraint: int = 4
+    num_functions: int = 4
+    num_case_sets: int = 2
+    num_answers: int = 4
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.8, max_new_tokens=384)
+    )
+    # Ask the engine to hold case answers to CASES_SCHEMA (vLLM and endpoints do; transformers cannot).
+    cases_json_schema: bool = True
+    # Cross-validation: a function is kept when it agrees with at least this share of the cases.
+    min_case_accuracy: float = 0.8
+    # A constraint is kept when at least this many functions survive.
+    min_functions: int = 1
+    # Answer scores (share of kept functions returning True): >= accept is accepted, <= reject is rejected.
+    accept: float = 1.0
+    reject: float = 0.0
+    pairs_per_prompt: int = 1
+    demos_per_prompt: int = 1
+    # The sandbox: time per function call, memory, parallel jobs.
+    per_function_timeout_s: float = 2.0
+    memory_mb: int = 512
+    sandbox_workers: int = 2
+    # True runs model code even where the sandbox lacks a required isolation layer (a warning every run).
+    allow_weak_isolation: bool = False
+    # Prompt overrides by name (function, cases, answer): chat messages with {column} fields.
+    templates: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.num_functions, self.num_case_sets, self.num_answers) < 1:
+            raise ValueError("num_functions, num_case_sets and num_answers must be >= 1")
+        if not 1 <= self.min_functions <= self.num_functions:
+            raise ValueError(f"min_functions must be in [1, num_functions], got {self.min_functions}")
+        if not 0.0 <= self.min_case_accuracy <= 1.0:
+            raise ValueError(f"min_case_accuracy must be in [0, 1], got {self.min_case_accuracy}")
+        if not 0.0 <= self.reject < self.accept <= 1.0:
+            raise ValueError(
+                f"need 0 <= reject < accept <= 1, got reject {self.reject}, accept {self.accept}"
+            )
+        if min(self.queries_per_constraint, self.pairs_per_prompt, self.demos_per_prompt) < 0:
+            raise ValueError("queries_per_constraint, pairs_per_prompt and demos_per_prompt must be >= 0")
+        if self.per_function_timeout_s <= 0:
+            raise ValueError(f"per_function_timeout_s must be positive, got {self.per_function_timeout_s}")
+        check_templates(self.templates, TEMPLATES)
+
+
+def template(cfg: Config, name: str) -> Messages:
+    return cfg.templates.get(name) or TEMPLATES[name]
+
+
+def make_sandbox(cfg: Config) -> Sandbox:
+    # Built when the pipeline is made: a sandbox that lacks an isolation layer fails before any model loads.
+    return Sandbox(
+        SandboxConfig(
+            timeout_s=cfg.per_function_timeout_s * cfg.num_functions + 5.0,  # every function + start-up
+            memory_mb=cfg.memory_mb,
+            max_workers=cfg.sandbox_workers,
+            allow_weak_isolation=cfg.allow_weak_isolation,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing functions and cases
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _boolean(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def parse_cases(answer: str) -> list[Any] | None:
+    """The case objects in an answer (a JSON list, or the ``cases`` key of an object); None if none."""
+    try:
+        value = parse_json_answer(answer)
+    except ValueError:
+        return None
+    if isinstance(value, dict):
+        value = value.get("cases")
+    return value if isinstance(value, list) else None
+
+
+def read_case(item: Any) -> dict[str, Any] | None:
+    """``{"response": str, "expected": bool}`` from a case object, or None when it is not one."""
+    if not isinstance(item, dict):
+        return None
+    response = item.get("response", item.get("input"))
+    expected = _boolean(item.get("expected", item.get("output")))
+    if not isinstance(response, str) or expected is None:
+        return None
+    return {"response": response, "expected": expected}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Parse(Step):
+    """Function answers -> ``functions`` (distinct sources defining evaluate); case answers -> ``cases``."""
+
+    name = "parse"
+    needs = ("function_answers", "case_answers")
+    makes = ("functions", "cases")
+
+    def run(self, records, ctx):
+        kept = []
+        for r in records:
+            functions: list[str] = []
+            for i, answer in enumerate(as_list(r.data["function_answers"])):
+                code, why = solution_code(answer, "evaluate")
+                if why:
+                    drop_item(ctx, r, "function_answer", i, answer, "no_evaluate", why)
+                elif code in functions:
+                    drop_item(ctx, r, "function_answer", i, answer, "duplicate_function", "")
+                else:
+                    functions.append(code)
+            cases: list[dict[str, Any]] = []
+            j = 0  # counts case objects over all answers
+            for i, answer in enumerate(as_list(r.data["case_answers"])):
+                items = parse_cases(answer)
+                if items is None:
+                    drop_item(ctx, r, "case_answer", i, answer, "cases_unparsable", "no JSON list of cases")
+                    continue
+                for item in items:
+                    case = read_case(item)
+                    if case is None:
+                        drop_item(
+                            ctx,
+                            r,
+                            "raw_case",
+                            j,
+                            item,
+                            "case_malformed",
+                            "needs response: str, expected: bool",
+                        )
+                    elif case in cases:
+                        drop_item(ctx, r, "raw_case", j, item, "duplicate_case", "")
+                    else:
+                        cases.append(case)
+                    j += 1
+            r.set("functions", functions, self.name)
+            r.set("cases", cases, self.name)
+            if not functions:
+                ctx.drop(r, "no_functions", "no answer defines evaluate")
+            elif not cases:
+                ctx.drop(r, "no_cases", "no usable test case")
+            else:
+                kept.append(r)
+        return kept
+
+
+class CrossValidate(Step):
+    """Every function on every case in the sandbox -> the kept ``verifiers``, ``kept_cases`` and each kept
+    function's ``function_accuracy``."""
+
+    name = "cross_validate"
+    needs = ("functions", "cases")
+    makes = ("verifiers", "kept_cases", "function_accuracy")
+
+    def __init__(self, cfg: Config, sandbox: Sandbox):
+        self.cfg, self.sandbox = cfg, sandbox
+
+    def run(self, records, ctx):
+        # One job per case runs all of the constraint's functions on it (the verifier reward's harness).
+        jobs, plans = [], []
+        for r in records:
+            for j, case in enumerate(r.data["cases"]):
+                nonce = secrets.token_hex(16)
+                program = VERIFIER_HARNESS.format(
+                    nonce=nonce, verifiers=r.data["functions"], per_verifier=self.cfg.per_function_timeout_s
+                )
+                jobs.append(SandboxJob(program, stdin=json.dumps(case["response"])))
+                plans.append((r, j, nonce))
+        # verdicts[row id][function][case]: True / False, or None (raised, timed out, not a bool, not run).
+        verdicts = {r.id: [[None] * len(r.data["cases"]) for _ in r.data["functions"]] for r in records}
+        failed: dict[str, set[int]] = {r.id: set() for r in records}
+        for (r, j, nonce), result in zip(plans, self.sandbox.run_many(jobs), strict=True):
+            if result.status is Status.ERROR:
+                failed[r.id].add(j)
+                drop_item(ctx, r, "case", j, r.data["cases"][j], "sandbox_error", result.reason or "")
+                continue
+            for report in read_reports(result.stdout, nonce):
+                if isinstance(report.get("verdict"), bool) and isinstance(report.get("verifier"), int):
+                    verdicts[r.id][report["verifier"]][j] = report["verdict"]
+        return [r for r in records if self._decide(r, verdicts[r.id], failed[r.id], ctx)]
+
+    def _decide(self, r: Record, verdicts: list[list[bool | None]], failed: set[int], ctx: Context) -> bool:
+        cfg = self.cfg
+        cases, functions = r.data["cases"], r.data["functions"]
+        usable = [j for j in range(len(cases)) if j not in failed]
+        if not usable:
+            ctx.drop(r, "sandbox_error", "the sandbox could run none of the cases")
+            return False
+        agree = [
+            [verdicts[i][j] is cases[j]["expected"] for j in range(len(cases))] for i in range(len(functions))
+        ]
+        accuracy = [sum(agree[i][j] for j in usable) / len(usable) for i in range(len(functions))]
+        kept = [i for i in range(len(functions)) if accuracy[i] >= cfg.min_case_accuracy]
+        for i in range(len(functions)):
+            if i not in kept:
+                detail = f"agrees with {accuracy[i]:.2f} of {len(usable)} cases"
+                drop_item(ctx, r, "function", i, functions[i], "function_inaccurate", detail)
+        if len(kept) < cfg.min_functions:
+            ctx.drop(
+                r, "too_few_functions", f"{len(kept)} function(s) kept, min_functions {cfg.min_functions}"
+            )
+            return False
+        kept_cases = []
+        for j in usable:
+            against = sum(not agree[i][j] for i in kept)
+            if 2 * against > len(kept):
+                drop_item(
+                    ctx,
+                    r,
+                    "case",
+                    j,
+                    cases[j],
+                    "case_disputed",
+                    f"{against} of {len(kept)} functions disagree",
+                )
+            else:
+                kept_cases.append(cases[j])
+        made_by = {"min_case_accuracy": cfg.min_case_accuracy, "min_functions": cfg.min_functions}
+        r.set("verifiers", [functions[i] for i in kept], self.name, **made_by)
+        r.set("kept_cases", kept_cases, self.name, **made_by)
+        r.set("function_accuracy", [accuracy[i] for i in kept], self.name, **made_by)
+        return True
+
+
+def load_queries(path: str) -> list[tuple[str, str]]:
+    """(id, query) of every row of the queries file; a row without a query is an error naming it."""
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no queries")
+    out = []
+    for row in rows:
+        query = row.data.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f"{path}: row {row.id}: field 'query': missing or empty")
+        out.append((row.id, query.strip()))
+    return out
+
+
+class PairQueries(Step):
+    """Each kept constraint -> one row per drawn query (a new row id ``<constraint id>|<query id>``)."""
+
+    name = "pair_queries"
+    needs = ("instruction", "verifiers", "kept_cases", "function_accuracy")
+    makes = ("query", "query_id", "constraint_id")
+    merges = True  # rows are split, not merged: the per-row accounting of the engine does not apply
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.queries = load_queries(cfg.queries)  # read when the pipeline is made: a bad file fails first
+
+    def run(self, records, ctx):
+        out = []
+        k = self.cfg.queries_per_constraint
+        k = k if 0 < k < len(self.queries) else len(self.queries)
+        keep = ("instruction", "verifiers", "kept_cases", "function_accuracy")
+        for r in records:
+            for qid, query in row_rng(self.cfg, r).sample(self.queries, k):
+                # The constraint's provenance comes along whole: which model and prompts made its functions.
+                row = Record(f"{r.id}|{qid}", {c: r.data[c] for c in keep}, dict(r.provenance))
+                row.set("query", query, self.name, file=self.cfg.queries, seed=self.cfg.seed)
+                row.set("query_id", qid, self.name)
+                row.set("constraint_id", r.id, self.name)
+                out.append(row)
+        return out
+
+
+class Judge(Step):
+    """Scores every answer with the kept functions (the ``verifier`` reward) -> ``scores``, ``demos``,
+    ``pairs``."""
+
+    name = "judge"
+    needs = ("answers", "answers_finished", "verifiers")
+    makes = ("scores", "demos", "pairs")
+
+    def __init__(self, cfg: Config, sandbox: Sandbox):
+        self.cfg = cfg
+        self.reward = VerifierReward(per_verifier_timeout_s=cfg.per_function_timeout_s, sandbox=sandbox)
+
+    def run(self, records, ctx):
+        flat = [(r, a) for r in records for a in as_list(r.data["answers"])]
+        out = self.reward(
+            [r.data["query"] for r, _ in flat],
+            [a for _, a in flat],
+            verifiers=[r.data["verifiers"] for r, _ in flat],
+        )
+        kept, start = [], 0
+        for r in records:
+            n = len(as_list(r.data["answers"]))
+            if self._select(r, out.scores[start : start + n], out.reasons[start : start + n], ctx):
+                kept.append(r)
+            start += n
+        return kept
+
+    def _select(self, r: Record, scores: list[float | None], reasons: list[str | None], ctx: Context) -> bool:
+        cfg = self.cfg
+        answers, finished = as_list(r.data["answers"]), as_list(r.data["answers_finished"])
+        good, bad = [], []
+        for k, (answer, score) in enumerate(zip(answers, scores, strict=True)):
+            if score is None:
+                drop_item(ctx, r, "answer", k, answer, "unjudged", reasons[k] or "")
+            elif score >= cfg.accept:
+                if finished[k]:
+                    good.append(k)
+                else:
+                    drop_item(ctx, r, "answer", k, answer, "unfinished", "cut at max_new_tokens")
+            elif score <= cfg.reject:
+                bad.append(k)
+        made_by = {"accept": cfg.accept, "reject": cfg.reject, "seed": cfg.seed}
+        r.set("scores", scores, self.name, reward="verifier")
+        if not good:
+            ctx.drop(r, "no_accepted_answer", f"no answer scores >= {cfg.accept} (scores {scores})")
+            return False
+        score_of = {answers[k]: scores[k] for k in reversed(good + bad)}  # the first sample's score per text
+        pairs, demos = pick(
+            [answers[k] for k in good],
+            [answers[k] for k in bad],
+            row_rng(cfg, r),
+            cfg.pairs_per_prompt,
+            cfg.demos_per_prompt,
+        )
+        r.set("demos", [{"text": t, "score": score_of[t]} for t in demos], self.name, **made_by)
+        r.set(
+            "pairs",
+            [
+                {"chosen": c, "rejected": x, "chosen_score": score_of[c], "rejected_score": score_of[x]}
+                for c, x in pairs
+            ],
+            self.name,
+            **made_by,
+        )
+        return True
+
+
+def steps(cfg: Config) -> list[Step]:
+    sandbox = make_sandbox(cfg)
+    return [
+        Instruction(),
+        Generate(
+            "write_functions",
+            template(cfg, "function"),
+            "function_answers",
+            cfg.num_functions,
+            cfg.sampling,
+            template_name="autoif.function",
+        ),
+        Generate(
+            "write_cases",
+            template(cfg, "cases"),
+            "case_answers",
+            cfg.num_case_sets,
+            cfg.sampling,
+            json_schema=CASES_SCHEMA if cfg.cases_json_schema else None,
+            template_name="autoif.cases",
+        ),
+        Parse(),
+        CrossValidate(cfg, sandbox),
+        PairQueries(cfg),
+        Generate(
+            "answer",
+            template(cfg, "answer"),
+            "answers",
+            cfg.num_answers,
+            cfg.sampling,
+            template_name="autoif.answer",
+        ),
+        Judge(cfg, sandbox),
+    ]
+
+
+def kept_constraints(result: Result) -> list[dict[str, Any]]:
+    """One row per constraint that passed cross-validation, read off its (query, constraint) rows, kept or
+    dropped."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in [*result.records, *(d.record for d in result.dropped)]:
+        cid = r.data.get("constraint_id")
+        if cid is None or "verifiers" not in r.data or cid in seen:
+            continue
+        seen[cid] = {
+            "constraint_id": cid,
+            "instruction": r.data["instruction"],
+            "verifiers": r.data["verifiers"],
+            "cases": r.data["kept_cases"],
+            "function_accuracy": r.data["function_accuracy"],
+        }
+    return sorted(seen.values(), key=lambda row: row["constraint_id"])
+
+
+def write(result: Result, cfg: Config, out_dir: Path) -> dict[str, int]:
+    sft, pref = [], []
+    for r in result.records:
+        prompt = render(template(cfg, "answer"), r.data)
+        common = {"source_id": r.id, "constraint_id": r.data["constraint_id"], "query_id": r.data["query_id"]}
+        for d in r.data["demos"]:
+            sft.append(chat_row(prompt, d["text"], **common, score=d["score"], provenance=r.provenance))
+        for p in r.data["pairs"]:
+            pref.append(
+                preference_row(
+                    prompt,
+                    p["chosen"],
+                    p["rejected"],
+                    **common,
+                    chosen_score=p["chosen_score"],
+                    rejected_score=p["rejected_score"],
+                    provenance=r.provenance,
+                )
+            )
+    return {
+        "sft.jsonl": write_jsonl(out_dir / "sft.jsonl", sft),
+        "preference.jsonl": write_jsonl(out_dir / "preference.jsonl", pref),
+        "verifiers.jsonl": write_jsonl(out_dir / "verifiers.jsonl", kept_constraints(result)),
+    }

@@ -1,0 +1,262 @@
+"""AutoIF: parsing cases by hand, cross-validation and judging on a scripted model with the real sandbox, the
+shipped constraints and queries, and a run on a real engine."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from alignment.data import DataError
+from data_synthesis import autoif
+from data_synthesis.autoif import parse_cases, read_case
+from data_synthesis.backends import ScriptedBackend
+from data_synthesis.engine import Record, read_rows
+from data_synthesis.runner import load_recipe, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- parsing, by hand
+
+
+def test_parse_and_read_cases():
+    assert parse_cases('{"cases": [{"response": "a", "expected": true}]}') == [
+        {"response": "a", "expected": True}
+    ]
+    assert parse_cases('Here:\n```json\n[{"input": "b", "output": "false"}]\n```') == [
+        {"input": "b", "output": "false"}
+    ]
+    assert parse_cases("I do not know.") is None and parse_cases('{"other": 1}') is None
+    assert read_case({"input": "b", "output": "false"}) == {"response": "b", "expected": False}
+    assert read_case({"response": "c", "expected": " True "}) == {"response": "c", "expected": True}
+    assert read_case({"response": "c", "expected": 1}) is None  # 1 is not a boolean
+    assert read_case({"response": 3, "expected": True}) is None and read_case("a case") is None
+
+
+# ---------------------------------------------------------------- the pipeline on a scripted model
+
+
+def fn(body: str) -> str:
+    return f"```python\ndef evaluate(response):\n    {body}\n```"
+
+
+FEW_WORDS = fn("return len(response.split()) < 5")
+FEW_SHORT = fn("return len(response.split()) < 5 and len(response) < 40")
+NO_COMMA = fn("return response.count(',') == 0 if len(response) < 200 else response.missing")
+FUNCTIONS = {
+    # 1 repeats 0; 2 agrees with half the cases; 3 agrees like 0 (3 of 4 cases: the last case is wrong).
+    "Answer in fewer than 5 words.": [FEW_WORDS, FEW_WORDS, fn("return True"), FEW_SHORT],
+    # 1 raises without a comma, 2 defines nothing, 3 hangs (per-function time limit).
+    "Use no commas.": [
+        NO_COMMA,
+        fn("return response.index(',') < 0"),
+        "Check for commas.",
+        fn("while True: pass"),
+    ],
+    "Be wise.": ["I cannot write code."] * 4,
+    "Rhyme.": [FEW_WORDS] * 4,
+}
+SHORT_CASES = [
+    {"response": "Yes indeed.", "expected": True},
+    {"response": "one two three four five six", "expected": False},
+    {"response": "Supercalifragilisticexpialidocious word", "expected": True},
+    {"response": "Fine.", "expected": False},  # wrong: both kept functions disagree -> case_disputed
+]
+CASES = {
+    "Answer in fewer than 5 words.": [
+        json.dumps({"cases": [*SHORT_CASES[:2], {"response": "no expected value"}]}),
+        json.dumps([SHORT_CASES[0], *SHORT_CASES[2:]]),  # the first repeats a case of the first answer
+    ],
+    "Use no commas.": [
+        '{"cases": [{"response": "No commas here", "expected": true}, '
+        '{"response": "a, b", "expected": "false"}]}',
+        "not JSON",
+    ],  # fmt: skip
+    "Be wise.": ['{"cases": [{"response": "x", "expected": true}]}'] * 2,
+    "Rhyme.": ["No idea.", "Sorry."],
+}
+RAIN = ["Rain falls.", "Rain falls.", "Rain is water that falls from clouds in small drops.",
+        "Precipitation: condensed atmospheric waterdroplets"]  # fmt: skip
+DRY = ["No commas at all", "Yes, commas", "No commas at all", "x" * 250]
+WINDY = "Wind, wind and more wind blowing everywhere today"
+
+
+def model(conversation, j):
+    text = conversation[-1]["content"]
+    if "Write a Python function `evaluate" in text:
+        return FUNCTIONS[re.search(r"Instruction: (.*)\n", text).group(1)][j]
+    if "Write test cases" in text:
+        return CASES[re.search(r"Instruction: (.*)\n", text).group(1)][j]
+    if text.startswith("Describe wind."):
+        return WINDY
+    return RAIN[j] if "fewer than 5 words" in text else DRY[j]
+
+
+CONSTRAINTS = [
+    {"id": "c/short", "instruction": "Answer in fewer than 5 words."},
+    {"id": "c/nocomma", "instruction": "Use no commas."},
+    {"id": "c/bad", "instruction": "Be wise."},
+    {"id": "c/nocases", "instruction": "Rhyme."},
+    {"id": "c/empty", "instruction": ""},
+]
+QUERIES = [{"id": "q/rain", "query": "Describe rain."}, {"id": "q/snow", "query": "Describe snow."},
+           {"id": "q/wind", "query": "Describe wind."}]  # fmt: skip
+
+
+def _config(tmp_path, *overrides, out="out", queries=QUERIES):
+    src, qs = tmp_path / "constraints.jsonl", tmp_path / "queries.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in CONSTRAINTS))
+    qs.write_text("".join(json.dumps(q) + "\n" for q in queries))
+    args = ["pipeline=autoif", f"input={src}", f"queries={qs}", f"out_dir={tmp_path / out}",
+            f"cache={tmp_path / 'cache.sqlite'}", "num_functions=4", "num_case_sets=2", "num_answers=4",
+            "queries_per_constraint=0", "min_case_accuracy=0.75", "min_functions=1", "pairs_per_prompt=1",
+            "demos_per_prompt=1", "per_function_timeout_s=1.0", *overrides]  # fmt: skip
+    return load_recipe(args)[1]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pipeline_cross_validates_judges_and_writes(tmp_path):
+    backend = ScriptedBackend(model)
+    stats = run(autoif, _config(tmp_path), backend=backend, progress=False)
+    # 4 constraints x 2 templates, then 2 kept constraints x 3 queries.
+    assert backend.calls == 4 * 2 + 2 * 3
+    assert stats["dropped"] == {
+        "no_instruction": 1,
+        "no_evaluate": 5,  # "Check for commas." and the four answers of "Be wise."
+        "duplicate_function": 4,  # one for "fewer than 5 words", three for "Rhyme."
+        "case_malformed": 1,
+        "duplicate_case": 2,  # "Yes indeed." again, and the second case answer of "Be wise."
+        "cases_unparsable": 3,
+        "no_functions": 1,
+        "no_cases": 1,
+        # `return True` agrees with 2 of 4 cases, the raising one 1 of 2, the hanging one 0 of 2.
+        "function_inaccurate": 3,
+        "case_disputed": 1,
+        # Every answer about wind breaks both constraints; the 250-character answer makes NO_COMMA raise.
+        "no_accepted_answer": 2,
+        "unjudged": 2,
+    }
+    assert stats["rows_out"] == 4
+    out = tmp_path / "out"
+    sft, pref = _rows(out / "sft.jsonl"), _rows(out / "preference.jsonl")
+    got = {
+        (r["source_id"], r["messages"][0]["content"], r["messages"][1]["content"], r["score"]) for r in sft
+    }
+    assert got == {
+        ("c/short|q/rain", "Describe rain.\n\nAnswer in fewer than 5 words.", "Rain falls.", 1.0),
+        ("c/short|q/snow", "Describe snow.\n\nAnswer in fewer than 5 words.", "Rain falls.", 1.0),
+        ("c/nocomma|q/rain", "Describe rain.\n\nUse no commas.", "No commas at all", 1.0),
+        ("c/nocomma|q/snow", "Describe snow.\n\nUse no commas.", "No commas at all", 1.0),
+    }
+    # Rejected: score 0 only (the 0.5 answer is neither accepted nor rejected).
+    pairs = {(r["source_id"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in pref}
+    assert pairs == {
+        ("c/short|q/rain", "Rain falls.", RAIN[2]),
+        ("c/short|q/snow", "Rain falls.", RAIN[2]),
+        ("c/nocomma|q/rain", "No commas at all", "Yes, commas"),
+        ("c/nocomma|q/snow", "No commas at all", "Yes, commas"),
+    }
+    assert all((r["chosen_score"], r["rejected_score"]) == (1.0, 0.0) for r in pref)
+    assert pref[0]["provenance"]["function_answers"]["template"] == "autoif.function"
+    verifiers = _rows(out / "verifiers.jsonl")
+    assert verifiers == [
+        {"constraint_id": "c/nocomma", "instruction": "Use no commas.",
+         "verifiers": [NO_COMMA.split("\n", 1)[1].removesuffix("```")],
+         "cases": [{"response": "No commas here", "expected": True}, {"response": "a, b", "expected": False}],
+         "function_accuracy": [1.0]},
+        {"constraint_id": "c/short", "instruction": "Answer in fewer than 5 words.",
+         "verifiers": [f.split("\n", 1)[1].removesuffix("```") for f in (FEW_WORDS, FEW_SHORT)],
+         "cases": SHORT_CASES[:3], "function_accuracy": [0.75, 0.75]},
+    ]  # fmt: skip
+    dropped = {(d["row"]["id"], d["reason"]) for d in _rows(out / "dropped.jsonl")}
+    assert {("c/short#function1", "function_inaccurate"), ("c/short#case3", "case_disputed"),
+            ("c/nocomma#function_answer2", "no_evaluate"), ("c/nocomma#case_answer1", "cases_unparsable"),
+            ("c/nocomma|q/rain#answer3", "unjudged"), ("c/short|q/wind", "no_accepted_answer")} <= dropped  # fmt: skip
+
+
+def test_a_stricter_filter_reuses_every_generation(tmp_path):
+    run(autoif, _config(tmp_path), backend=ScriptedBackend(model), progress=False)
+    backend = ScriptedBackend(model)
+    stats = run(autoif, _config(tmp_path, "min_functions=2", out="b"), backend=backend, progress=False)
+    # Only "fewer than 5 words" keeps two functions; its answers are all in the cache.
+    assert backend.calls == 0 and stats["generated_samples"] == 0
+    assert stats["dropped"]["too_few_functions"] == 1 and stats["rows_out"] == 2
+
+
+def test_an_accepted_answer_cut_at_the_token_limit_is_never_chosen(tmp_path):
+    backend = ScriptedBackend(model, finished=False)
+    stats = run(autoif, _config(tmp_path, "cache=none"), backend=backend, progress=False)
+    assert stats["dropped"]["unfinished"] == 8  # two accepted answers in each of the four rows
+    assert stats["dropped"]["no_accepted_answer"] == 6 and stats["rows_out"] == 0
+
+
+def test_queries_are_drawn_per_constraint_with_a_seed(tmp_path):
+    queries = [{"id": f"q/{i}", "query": f"Describe the number {i}."} for i in range(10)]
+    step = autoif.PairQueries(_config(tmp_path, "queries_per_constraint=3", queries=queries))
+    data = {"instruction": "i", "verifiers": ["v"], "kept_cases": [], "function_accuracy": [1.0]}
+    rows = step.run([Record("c/x", dict(data)), Record("c/y", dict(data))], None)
+    # A shuffle seeded by the seed and the constraint's id: the draw does not depend on the other rows.
+    for cid in ("c/x", "c/y"):
+        drawn = random.Random(f"0:{cid}").sample(step.queries, 3)
+        assert [r.id for r in rows if r.data["constraint_id"] == cid] == [f"{cid}|{qid}" for qid, _ in drawn]
+    assert rows[0].data["query"] == dict(step.queries)[rows[0].data["query_id"]]
+    assert rows[0].provenance["query"]["step"] == "pair_queries"
+
+
+def test_bad_input_fails_before_generation(tmp_path):
+    backend = ScriptedBackend(model)
+    cfg = _config(tmp_path, 'templates={"answer": [{"role": "user", "content": "{query} ({tone})"}]}')
+    with pytest.raises(ValueError, match=r"step 'answer' reads column\(s\) \['tone'\]"):
+        run(autoif, cfg, backend=backend, progress=False)
+    with pytest.raises(DataError, match=r"queries.jsonl: row queries:2: field 'query'"):
+        run(
+            autoif,
+            _config(tmp_path, queries=[QUERIES[0], {"text": "no query"}]),
+            backend=backend,
+            progress=False,
+        )
+    assert backend.calls == 0
+    with pytest.raises(ValueError, match="reject < accept"):
+        autoif.Config(accept=0.5, reject=0.5)
+
+
+# ---------------------------------------------------------------- the shipped constraints and queries
+
+
+def test_shipped_constraints_and_queries():
+    constraints = read_rows(REPO / "data_synthesis" / "autoif_constraints.jsonl")
+    queries = autoif.load_queries(str(REPO / "data_synthesis" / "autoif_queries.jsonl"))
+    assert len(constraints) >= 30 and len({c.id for c in constraints}) == len(constraints)
+    assert all(c.data["instruction"].strip() for c in constraints)
+    assert len(queries) >= 20 and len({q for _, q in queries}) == len(queries)
+    # No query is a prompt of the held-out instruction-following set (data/eval/ifeval.jsonl).
+    held = [json.loads(line)["prompt"][0]["content"].lower() for line in
+            (REPO / "data" / "eval" / "ifeval.jsonl").read_text().splitlines()]  # fmt: skip
+    assert not [q for _, q in queries if any(q.lower().rstrip(".") in h for h in held)]
+    cfg = autoif.Config()  # the defaults read the shipped files
+    assert (cfg.input, cfg.queries) == (
+        "data_synthesis/autoif_constraints.jsonl",
+        "data_synthesis/autoif_queries.jsonl",
+    )
+
+
+# ---------------------------------------------------------------- a real engine
+
+
+@pytest.mark.slow
+def test_autoif_runs_on_a_real_engine(tmp_path):
+    """tiny-qwen2 is random: its functions define no evaluate, and the constraint is dropped and counted."""
+    _, cfg = load_recipe(["recipes/data/autoif.yaml", "backend.model=tiny-qwen2", "max_rows=1", "cache=none",
+                          f"out_dir={tmp_path}", "num_functions=1", "num_case_sets=1", "num_answers=1",
+                          "sampling.max_new_tokens=16", "backend.generation.backend=transformers"])  # fmt: skip
+    stats = run(autoif, cfg, progress=False)
+    assert stats["rows_in"] == 1 and stats["generated_samples"] == 2
+    assert stats["dropped"]["no_functions"] == 1 and stats["rows_out"] == 0
+    assert {"sft.jsonl", "preference.jsonl", "verifiers.jsonl"} == set(stats["files"])
