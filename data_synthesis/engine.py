@@ -351,24 +351,30 @@ class Generate(Step):
                 for c in convs
             ]
             found = ctx.cache.get([k for ks in keys for k in ks])
-            ctx.cache.hits += len(found)
-            # Sample what is missing, grouped by how many samples each conversation still lacks.
-            todo: dict[int, list[int]] = {}
+            # Sample each missing key once (rows with the same conversation and settings share their samples:
+            # content-addressed), grouped by how many samples each conversation still lacks.
+            first: dict[str, int] = {}
             for i, ks in enumerate(keys):
-                missing = sum(k not in found for k in ks)
-                if missing:
-                    todo.setdefault(missing, []).append(i)
+                for k in ks:
+                    if k not in found and k not in first:
+                        first[k] = i
+            lacking: dict[int, list[str]] = {}
+            for k, i in first.items():
+                lacking.setdefault(i, []).append(k)
+            todo: dict[int, list[int]] = {}
+            for i, ks in lacking.items():
+                todo.setdefault(len(ks), []).append(i)
             new: list[tuple[str, Completion]] = []
             for missing, idx in todo.items():
                 answers = backend.chat([convs[i] for i in idx], missing, self.sampling, self.json_schema)
                 for i, group in zip(idx, answers, strict=True):
-                    free = iter(k for k in keys[i] if k not in found)
-                    new += [(next(free), c) for c in group]
+                    new += list(zip(lacking[i], group, strict=True))
             if new:
                 ctx.cache.put(new)
                 ctx.cache.misses += len(new)
                 ctx.generated_samples += len(new)
                 found.update(new)
+            ctx.cache.hits += sum(len(ks) for ks in keys) - len(new)
             for r, ks in zip(batch, keys):
                 texts = [found[k].text for k in ks]
                 done = [found[k].finished for k in ks]

@@ -380,3 +380,16 @@ def test_module_docstring_example_names_real_things():
     for name in ("Pipeline", "Instruction", "Generate", "Context", "read_rows"):
         assert hasattr(engine, name) and name in engine.__doc__
     assert textwrap.dedent(engine.__doc__)
+
+
+def test_rows_with_the_same_conversation_share_their_samples_and_are_generated_once():
+    backend = ScriptedBackend(echo)
+    recs = [Record(f"r{i}", {"instruction": "same" if i % 2 else f"row {i}"}) for i in range(6)]
+    res = Pipeline([Generate("answer", ECHO, "answer", n=2)]).run(
+        recs, Context(backend, batch_size=4, progress=False)
+    )
+    # Batch 1: rows 0, 2 and one "same" (rows 1 and 3 share it) -> 3 conversations; batch 2: row 4, and "same"
+    # again, now cached.
+    assert backend.batches == [3, 1] and backend.calls == 4
+    assert res.stats["generated_samples"] == 8 and res.stats["cached_samples"] == 4
+    assert res.records[1].data["answer"] == res.records[5].data["answer"] == ["Say: same #0", "Say: same #1"]
