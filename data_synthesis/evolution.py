@@ -25,7 +25,9 @@ evolving prompt, the failed rewrites are eliminated, and a model answers the res
      "rewritten prompt", ...), i.e. it copied the evolving prompt (the paper's rule 4);
    - ``no_new_information`` (the paper's rule 1, for which WizardLM asks ChatGPT whether the two are equal):
      here, the lowercased, whitespace-collapsed texts have a ``difflib.SequenceMatcher`` ratio >=
-     ``max_similarity``, or the rewrite has no content word (a word outside ``STOP_WORDS``) the original lacks.
+     ``max_similarity``, or the rewrite has no content word (a word outside ``STOP_WORDS``) the original lacks;
+   - ``not_a_request``: it is not an instruction any more (``selection.is_request``: no question mark, no
+     sentence opening with a request word, no "please" / "can you"), e.g. an answer instead of a rewrite.
 5. ``answer_r`` and ``check_answer_r`` (with ``answer: true``): the model answers the evolved instruction; the
    paper's rules 2 and 3 (the evolved instruction makes it hard to respond) drop it as ``unfinished_answer``
    (no end-of-turn token within ``answer_sampling.max_new_tokens``), ``degenerate_answer`` (empty, only
@@ -46,8 +48,7 @@ Deliberate simplifications: string rules stand in for the ChatGPT equality judge
 answers; no complicate-input operation. Quality: SmolLM2-135M often answers the instruction instead of
 rewriting it. In a 5-row dry run on the math prompts, 2 rewrites rambled past 160 tokens, 2 copied "given
 prompt" / "rewritten prompt", and the one kept was a statement ("The area of a rectangular tabletop is 7m * 15m
-= 105m².") rather than an instruction: the rules catch echoes, template copies, rambling and degenerate text,
-not a fluent text that is no longer an instruction. Point ``backend.model`` at a stronger model (or
+= 105m².") rather than an instruction; the ``not_a_request`` rule was added for that case. Point ``backend.model`` at a stronger model (or
 ``backend.kind: openai`` at ``vllm serve``) for a useful set.
 """
 
@@ -72,6 +73,7 @@ from data_synthesis.engine import (
     write_jsonl,
 )
 from data_synthesis.runner import SynthesisConfig
+from data_synthesis.selection import is_request
 
 # WizardLM's in-depth evolving prompt (its appendix), paraphrased; {method} is one of IN_DEPTH_METHODS.
 IN_DEPTH_TEMPLATE = (
@@ -243,6 +245,8 @@ def eliminate(original: str, rewrite: str, finished: bool, cfg: Config) -> str |
     why = no_new_information(original, rewrite, cfg.max_similarity)
     if why:
         return "no_new_information: " + why
+    if not is_request(rewrite):
+        return "not_a_request: no question mark, request opening, 'please' or 'can you'"
     return None
 
 

@@ -11,8 +11,8 @@ Scores of a row (all written to its ``selection`` column):
 - ``richness`` (semantic richness): the number of distinct content words of the instruction (lowercased words of
   2+ letters that are not stop words), a proxy for how much it asks;
 - ``completeness`` (intent completeness) in [0, 1]: the mean of three checks: at least ``min_words`` words; it is
-  a request (a question mark, or an imperative / request opening such as "write", "explain", "how",
-  "please"); no unfinished placeholder ("...", "[insert", "<your", "TODO", "lorem ipsum"). Rows below
+  a request (``is_request``: a question mark, a sentence opening with a request word such as "write",
+  "explain", "how", or "please" / "can you"); no unfinished placeholder ("...", "[insert", "<your", "TODO", "lorem ipsum"). Rows below
   ``min_completeness`` are dropped as ``incomplete_intent`` before the selection.
 
 The selection (InsTag section 4): rows are ordered by complexity, then rarity, richness and completeness
@@ -74,14 +74,24 @@ def content_words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z][a-z']+", text.lower()) if w not in STOP_WORDS}
 
 
+def is_request(text: str) -> bool:
+    """A question mark, a sentence that opens with a request word ("write", "explain", "how", ...), or
+    "please" / "can you" anywhere."""
+    lower = text.lower()
+    if "?" in text or any(f"{w} " in lower for w in ("please", "can you")):
+        return True
+    for sentence in re.split(r"(?<=[.!:;\n])\s+", text.strip()):
+        first = re.sub(r"[^a-z]", "", sentence.split()[0].lower()) if sentence.split() else ""
+        if first in REQUEST_OPENERS:
+            return True
+    return False
+
+
 def completeness(text: str, min_words: int) -> float:
     """Mean of: enough words; a request; no placeholder (see the module docstring)."""
     words = text.split()
-    lower = text.lower()
-    first = re.sub(r"[^a-z]", "", words[0].lower()) if words else ""
-    request = "?" in text or first in REQUEST_OPENERS or any(f"{w} " in lower for w in ("please", "can you"))
-    placeholder = any(p in lower for p in PLACEHOLDERS)
-    return (float(len(words) >= min_words) + float(request) + float(not placeholder)) / 3
+    placeholder = any(p in text.lower() for p in PLACEHOLDERS)
+    return (float(len(words) >= min_words) + float(is_request(text)) + float(not placeholder)) / 3
 
 
 def scores(text: str, tags: list[str], usage: Counter, n_rows: int, min_words: int) -> dict[str, float]:
