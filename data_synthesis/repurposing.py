@@ -23,6 +23,12 @@ varying detail for them; the instruction paired with the original work is the de
    row's level (``detail_levels[level].guidance``, which may read ``{words}``, ``{title}`` and ``{author}``),
    answering as JSON ``{"instruction": ...}`` (``answer_format: json``, constrained where the engine can) or
    as plain text (``text``).
+   In ``instruction_mode: framed`` (the default) the model is asked instead what happens in the passage, in
+   one sentence (``SCENE_TEMPLATE``, JSON ``{"scene": ...}``), and the row's level ``frame`` turns the scene
+   into the request ("Write a scene from a novel in which {scene}."). The scene is first checked
+   (``check_scene``): ``not_one_sentence``; ``scene_too_short`` (under 4 words); ``copied_hint`` (it copies the
+   answer format's placeholder or example); ``describes_the_source`` (it names the passage, novel, book,
+   chapter, story, author or the author's surname instead of what happens).
 3. Rules, each a drop reason:
    - ``unfinished``: the answer was cut at ``sampling.max_new_tokens``;
    - ``invalid_json`` / ``empty_instruction``: no ``instruction`` string in the JSON / nothing left;
@@ -183,10 +189,13 @@ SCENE_TEMPLATE: Messages = [
         "content": 'From {title} by {author}:\n"""\n{passage}\n"""\n\nWhat happens in it? {format_hint}',
     },
 ]
+SCENE_EXAMPLE = "A farmer and his son quarrel over a lost horse."
 SCENE_HINTS = {
-    "json": 'Answer only with JSON: {{"scene": "<one sentence>"}}',
-    "text": "Answer with the one sentence only.",
+    "json": 'Answer only with JSON, like {{"scene": "' + SCENE_EXAMPLE + '"}}',
+    "text": "Answer with the one sentence only, like: " + SCENE_EXAMPLE,
 }
+# Words that show a scene describes the book rather than what happens in it.
+SOURCE_WORDS = ("passage", "novel", "book", "chapter", "excerpt", "text", "story", "author", "writer")
 SCENE_SCHEMA = {
     "type": "object",
     "properties": {"scene": {"type": "string", "maxLength": 400}},
@@ -472,6 +481,22 @@ def frame_scene(frame: str, scene: str, data: dict) -> str:
     return frame.format(scene=scene, words=data["words"], title=data["title"], author=data["author"])
 
 
+def check_scene(scene: str, author: str) -> str | None:
+    """Framed mode's rules on the model's one-sentence scene, as 'reason: detail' or None."""
+    words = _words(scene)
+    if "\n" in scene.strip() or len(re.findall(r"[.!?](?:\s|$)", scene.strip())) > 1:
+        return "not_one_sentence: " + scene[:120]
+    if len(words) < 4:
+        return f"scene_too_short: {len(words)} words"
+    low = scene.lower()
+    if "<" in scene or ">" in scene or "one sentence" in low or _words(SCENE_EXAMPLE)[1:5] == words[1:5]:
+        return "copied_hint: " + scene[:120]
+    named = [w for w in (*SOURCE_WORDS, author.split()[-1].lower()) if w in words]
+    if named:
+        return f"describes_the_source: {named[0]!r} in " + scene[:100]
+    return None
+
+
 def parse_instruction(answer_format: str, mode: str = "free", levels: dict | None = None):
     key = "scene" if mode == "framed" else "instruction"
 
@@ -491,8 +516,9 @@ def parse_instruction(answer_format: str, mode: str = "free", levels: dict | Non
         if not text:
             return "empty_instruction"
         if mode == "framed":
-            if "\n" in text.strip() or len(re.findall(r"[.!?](?:\s|$)", text.strip())) > 1:
-                return "not_one_sentence: " + text[:120]
+            why = check_scene(text, r.data["author"])
+            if why:
+                return why
             r.set("scene", text, "parse")
             text = frame_scene(levels[r.data["detail"]].frame, text, r.data)
         r.set("instruction", text, "parse")

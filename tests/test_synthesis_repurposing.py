@@ -390,3 +390,21 @@ def test_framed_mode_turns_a_scene_into_the_levels_request(corpus, tmp_path):
 def test_frame_must_read_the_scene():
     with pytest.raises(ValueError, match=r"frame: must read \{scene\}"):
         repurposing.Config(detail_levels={"x": DetailLevel("g", 1, 5, frame="Write a scene.")})
+
+
+@pytest.mark.parametrize(
+    ("scene", "reason"),
+    [
+        ("Anne and Captain Wentworth meet again at Lyme.", None),
+        ("<one sentence>", "scene_too_short"),
+        ("Off with them.", "scene_too_short"),
+        ("The reeds bend. It grows late.", "not_one_sentence"),
+        ("A farmer and his son quarrel over a lost horse.", "copied_hint"),
+        ("Write <one sentence> about it here.", "copied_hint"),
+        ("Moby Dick by Herman Melville, the whale.", "describes_the_source"),
+        ("a passage from a novel about the sea.", "describes_the_source"),
+    ],
+)
+def test_check_scene(scene, reason):
+    why = repurposing.check_scene(scene, "Herman Melville")
+    assert (why.split(":")[0] if why else None) == reason
