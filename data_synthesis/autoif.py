@@ -73,14 +73,13 @@ Deliberate simplifications:
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alignment.data import DataError
 from alignment.generation import SamplingConfig
-from data_synthesis.code_feedback import as_list, check_templates, drop_item, pick, row_rng, solution_code
+from data_synthesis.code_feedback import solution_code
 from data_synthesis.engine import (
     Context,
     Generate,
@@ -89,18 +88,22 @@ from data_synthesis.engine import (
     Record,
     Result,
     Step,
+    as_list,
     chat_row,
+    check_templates,
+    drop_item,
     parse_json_answer,
+    pick,
     preference_row,
     read_rows,
     render,
+    row_rng,
     write_jsonl,
 )
 from data_synthesis.runner import SynthesisConfig
 from reward.code_reward import read_reports
 from reward.sandbox import Sandbox, SandboxConfig, SandboxJob, Status
-from reward.verifier import _HARNESS as VERIFIER_HARNESS
-from reward.verifier import VerifierReward
+from reward.verifier import VerifierReward, verdicts_program
 
 # Paraphrases of AutoIF's prompts (Dong et al. 2024): its verification-function prompt asks for a function
 # `evaluate(response)` returning True when the response follows the instruction, and for test cases with
@@ -323,10 +326,7 @@ class CrossValidate(Step):
         jobs, plans = [], []
         for r in records:
             for j, case in enumerate(r.data["cases"]):
-                nonce = secrets.token_hex(16)
-                program = VERIFIER_HARNESS.format(
-                    nonce=nonce, verifiers=r.data["functions"], per_verifier=self.cfg.per_function_timeout_s
-                )
+                program, nonce = verdicts_program(r.data["functions"], self.cfg.per_function_timeout_s)
                 jobs.append(SandboxJob(program, stdin=json.dumps(case["response"])))
                 plans.append((r, j, nonce))
         # verdicts[row id][function][case]: True / False, or None (raised, timed out, not a bool, not run).

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
 import string
 import sys
@@ -571,3 +572,46 @@ def preference_row(prompt: Messages, chosen: str, rejected: str, /, **extra: Any
     """A preference pair in the trainers' format (TRL's conversational implicit-prompt-free form)."""
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}], **extra}  # fmt: skip
+
+
+# Helpers the pipelines share.
+
+
+def as_list(value: Any) -> list:
+    """A Generate column as a list (it holds a bare value when n == 1)."""
+    return value if isinstance(value, list) else [value]
+
+
+def drop_item(ctx: Context, record: Record, kind: str, index: int, text: Any, reason: str, detail: str = ""):
+    """Drop one solution, test, function, case or answer of a row: it is listed in dropped.jsonl with the id
+    ``<row id>#<kind><index>`` and counted by reason like a row."""
+    item = Record(
+        f"{record.id}#{kind}{index}", {"item": kind, "row": record.id, "index": index, "text": text}
+    )
+    ctx.drop(item, reason, detail)
+
+
+def pick(chosen: list[str], rejected: list[str], rng: random.Random, pairs: int, demos: int):
+    """(pairs, demos) from candidate texts: each side deduplicated in order, texts found on both sides left
+    out, then a seeded shuffle of each side; up to ``pairs`` (chosen, rejected) with no text used twice, and
+    the first ``demos`` chosen texts."""
+    good = list(dict.fromkeys(chosen))
+    bad = list(dict.fromkeys(rejected))
+    both = set(good) & set(bad)
+    good = rng.sample([t for t in good if t not in both], len(good) - len(both))
+    bad = rng.sample([t for t in bad if t not in both], len(bad) - len(both))
+    k = min(pairs, len(good), len(bad))
+    return list(zip(good[:k], bad[:k])), good[:demos]
+
+
+def row_rng(cfg: Any, record: Record) -> random.Random:
+    # Seeded by the row id too, so a row's choice does not depend on which rows came before it.
+    return random.Random(f"{cfg.seed}:{record.id}")
+
+
+def check_templates(overrides: dict[str, list[dict[str, str]]], known: dict[str, Messages]) -> None:
+    for name, messages in overrides.items():
+        if name not in known:
+            raise ValueError(f"templates.{name}: unknown template (known: {', '.join(sorted(known))})")
+        if not messages or any(set(m) != {"role", "content"} for m in messages):
+            raise ValueError(f"templates.{name}: a list of messages, each with exactly a role and a content")

@@ -65,6 +65,15 @@ _harness()
 """
 
 
+def verdicts_program(verifiers: Sequence[str], per_verifier_timeout_s: float) -> tuple[str, str]:
+    """The sandbox program that runs each verifier's ``evaluate`` on the response read from stdin and reports
+    one verdict (or error) per verifier, tagged with a fresh nonce (``read_reports(stdout, nonce)``).
+    -> (program, nonce). AutoIF's cross-validation (data_synthesis/autoif.py) reads the verdicts one by one."""
+    nonce = secrets.token_hex(16)
+    program = _HARNESS.format(nonce=nonce, verifiers=list(verifiers), per_verifier=per_verifier_timeout_s)
+    return program, nonce
+
+
 def _row_verifiers(value: Any) -> list[str]:
     if isinstance(value, str):
         value = [value]
@@ -130,10 +139,7 @@ class VerifierReward:
             except ValueError as e:
                 out[i] = (None, f"bad verifier data: {e}", {})
                 continue
-            nonce = secrets.token_hex(16)
-            program = _HARNESS.format(
-                nonce=nonce, verifiers=verifiers, per_verifier=self.per_verifier_timeout_s
-            )
+            program, nonce = verdicts_program(verifiers, self.per_verifier_timeout_s)
             jobs.append(SandboxJob(program, stdin=json.dumps(completion or "")))
             plans[i] = (nonce, len(verifiers))
         for i, result in zip(plans, self.sandbox.run_many(jobs)):

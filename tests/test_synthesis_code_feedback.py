@@ -12,8 +12,8 @@ import pytest
 
 from data_synthesis import code_feedback
 from data_synthesis.backends import ScriptedBackend
-from data_synthesis.code_feedback import bad_test, parse_tests, pick, solution_code
-from data_synthesis.engine import read_rows
+from data_synthesis.code_feedback import bad_test, parse_tests, solution_code
+from data_synthesis.engine import pick, read_rows
 from data_synthesis.runner import load_recipe, run
 
 REPO = Path(__file__).resolve().parents[1]
