@@ -19,8 +19,10 @@ fine-grained tags, each with a short reason, as JSON; the tags are then normalis
      plurals become singular (``lemma``: a rule-based lemmatiser of plural nouns, since WordNet is not available
      offline: "algorithms" -> "algorithm", "queries" -> "query", "boxes" -> "box");
    - merging near-duplicates: tags with the same set of words ("sort algorithm" / "algorithm sort") merge, and
-     so do tags within ``merge_ratio`` of each other by ``difflib``'s ratio (spelling variants, "math" /
-     "maths"); each group is named by its most frequent member. InsTag's semantic aggregation (phrase
+     so do spelling variants: the same number of words, differing in one word whose two spellings are within
+     ``merge_ratio`` by ``difflib``'s ratio ("math" / "maths"; a whole-string ratio merged "age calculation"
+     into "change calculation" on a real run, so the ratio is taken on the differing word); each group is
+     named by its most frequent member. InsTag's semantic aggregation (phrase
      embeddings + DBSCAN) and association aggregation (FP-Growth) are left out: a string rule is what runs
      offline without a second model, and a 135 M tagger's tags are too noisy for co-occurrence mining;
    - frequency filtering: tags used by fewer than ``min_count`` rows are removed from the ontology and from
@@ -111,7 +113,7 @@ class Config(SynthesisConfig):
         default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=256)
     )
     max_tag_words: int = 5
-    # Tags within this difflib ratio of each other merge (1.0: only identical word sets merge).
+    # Spelling variants within this difflib ratio merge (1.0: only identical word sets merge).
     merge_ratio: float = 0.9
     # Tags used by fewer rows are removed.
     min_count: int = 2
@@ -175,12 +177,21 @@ def merge_tags(counts: Counter, ratio: float) -> dict[str, str]:
             by_words[key] = t
     if ratio < 1.0:
         for i, a in enumerate(tags):
-            matcher = difflib.SequenceMatcher(None, "", a)  # seq2 (cached) is a; seq1 varies
             for b in tags[i + 1 :]:
-                matcher.set_seq1(b)
-                if matcher.real_quick_ratio() >= ratio and matcher.ratio() >= ratio:
+                if spelling_variants(a, b, ratio):
                     union(a, b)
     return {t: root(t) for t in tags}
+
+
+def spelling_variants(a: str, b: str, ratio: float) -> bool:
+    """Two tags with the same number of words that differ in exactly one word, where the two differing words
+    are within ``ratio`` by difflib ("math problem" / "maths problem"); "age calculation" / "change
+    calculation" differ in a whole word (age / change: 0.67) and stay apart."""
+    wa, wb = a.split(), b.split()
+    if len(wa) != len(wb):
+        return False
+    diff = [(x, y) for x, y in zip(wa, wb) if x != y]
+    return len(diff) == 1 and difflib.SequenceMatcher(None, *diff[0]).ratio() >= ratio
 
 
 def _parse(cfg: Config):

@@ -33,6 +33,11 @@ def test_merge_tags_by_word_set_and_ratio():
                                         "maths": "maths", "math": "maths", "poetry": "poetry"}  # fmt: skip
     assert merge_tags(counts, 0.9)["math"] == "math"
     assert merge_tags(counts, 1.0)["algorithm sort"] == "sort algorithm"
+    # A whole different word is not a spelling variant, however much of the string is shared.
+    counts = Counter({"change calculation": 3, "age calculation": 1, "math problem": 1, "maths problem": 2})
+    assert merge_tags(counts, 0.85) == {"change calculation": "change calculation",
+                                        "age calculation": "age calculation", "maths problem": "maths problem",
+                                        "math problem": "maths problem"}  # fmt: skip
 
 
 TAGS = {
