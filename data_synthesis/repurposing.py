@@ -25,10 +25,13 @@ varying detail for them; the instruction paired with the original work is the de
    as plain text (``text``).
    In ``instruction_mode: framed`` (the default) the model is asked instead what happens in the passage, in
    one sentence (``SCENE_TEMPLATE``, JSON ``{"scene": ...}``), and the row's level ``frame`` turns the scene
-   into the request ("Write a scene from a novel in which {scene}."). The scene is first checked
-   (``check_scene``): ``not_one_sentence``; ``scene_too_short`` (under 4 words); ``copied_hint`` (it copies the
-   answer format's placeholder or example); ``describes_the_source`` (it names the passage, novel, book,
-   chapter, story, author or the author's surname instead of what happens).
+   into the request ("Write a scene from a novel in which {scene}."). The scene is the answer's first
+   sentence, checked (``check_scene``): ``scene_too_short`` (under 4 words); ``copied_hint`` (it copies the
+   answer format's placeholder or example); ``describes_the_source`` (it names the passage, paragraph, novel,
+   book, chapter, story, author, narrator or the author's surname instead of what happens). Tried on
+   SmolLM2-135M (12 passages): a JSON answer with an example sentence was copied 191 times in 200; a JSON
+   answer without one was mostly empty; the plain-text answer's first sentence kept most often, so framed
+   mode answers in text.
 3. Rules, each a drop reason:
    - ``unfinished``: the answer was cut at ``sampling.max_new_tokens``;
    - ``invalid_json`` / ``empty_instruction``: no ``instruction`` string in the JSON / nothing left;
@@ -191,11 +194,12 @@ SCENE_TEMPLATE: Messages = [
 ]
 SCENE_EXAMPLE = "A farmer and his son quarrel over a lost horse."
 SCENE_HINTS = {
-    "json": 'Answer only with JSON, like {{"scene": "' + SCENE_EXAMPLE + '"}}',
-    "text": "Answer with the one sentence only, like: " + SCENE_EXAMPLE,
+    "json": 'Answer only with JSON: {{"scene": "..."}}, the sentence in your own words.',
+    "text": "Answer with the one sentence only, in your own words.",
 }
 # Words that show a scene describes the book rather than what happens in it.
-SOURCE_WORDS = ("passage", "novel", "book", "chapter", "excerpt", "text", "story", "author", "writer")
+SOURCE_WORDS = ("passage", "paragraph", "novel", "book", "chapter", "excerpt", "text", "story", "author", "writer",
+                "narrator", "example")  # fmt: skip
 SCENE_SCHEMA = {
     "type": "object",
     "properties": {"scene": {"type": "string", "maxLength": 400}},
@@ -244,7 +248,8 @@ class Config(SynthesisConfig):
     # framed: the model writes one sentence of what happens and the level's frame makes the request (what a small
     # model can do); free: the model writes the whole request (INSTRUCTION_TEMPLATE; for a stronger model).
     instruction_mode: Literal["framed", "free"] = "framed"
-    answer_format: Literal["json", "text"] = "json"
+    # Framed mode reads the answer's first sentence (text; see SCENE_TEMPLATE); free mode a JSON request.
+    answer_format: Literal["json", "text"] = "text"
     # The prompt of free mode (framed mode asks SCENE_TEMPLATE).
     template: list[dict[str, str]] = field(default_factory=lambda: [dict(m) for m in INSTRUCTION_TEMPLATE])
     sampling: SamplingConfig = field(
@@ -481,11 +486,17 @@ def frame_scene(frame: str, scene: str, data: dict) -> str:
     return frame.format(scene=scene, words=data["words"], title=data["title"], author=data["author"])
 
 
+def first_sentence(text: str) -> str:
+    """The text up to its first sentence end (``.``, ``!`` or ``?`` before a space or the end) or line break."""
+    text = text.strip().split("\n")[0].strip()
+    # Not after a title's abbreviation (Mr. Mrs. Dr. St.) or an initial.
+    m = re.search(r"(?<!\bMr)(?<!\bMrs)(?<!\bDr)(?<!\bSt)(?<!\b[A-Z])[.!?](?=\s|$)", text)
+    return text[: m.end()] if m else text
+
+
 def check_scene(scene: str, author: str) -> str | None:
-    """Framed mode's rules on the model's one-sentence scene, as 'reason: detail' or None."""
+    """Framed mode's rules on the model's scene (its first sentence), as 'reason: detail' or None."""
     words = _words(scene)
-    if "\n" in scene.strip() or len(re.findall(r"[.!?](?:\s|$)", scene.strip())) > 1:
-        return "not_one_sentence: " + scene[:120]
     if len(words) < 4:
         return f"scene_too_short: {len(words)} words"
     low = scene.lower()
@@ -516,6 +527,7 @@ def parse_instruction(answer_format: str, mode: str = "free", levels: dict | Non
         if not text:
             return "empty_instruction"
         if mode == "framed":
+            text = first_sentence(text)
             why = check_scene(text, r.data["author"])
             if why:
                 return why

@@ -103,7 +103,7 @@ def corpus(tmp_path, monkeypatch):
 
 def make_cfg(corpus: Path, tmp_path: Path, **kw) -> repurposing.Config:
     base = dict(corpus_dir=str(corpus), books=["test-tale"], min_words=10, max_words=25, max_passages=0,
-                instruction_mode="free",
+                instruction_mode="free", answer_format="json",
                 detail_levels=STYLE, out_dir=str(tmp_path / "out"), cache=str(tmp_path / "cache.sqlite"))  # fmt: skip
     return repurposing.Config(**{**base, **kw})
 
@@ -361,7 +361,7 @@ def test_the_installed_corpus(capsys):
 # keyword -> the model's one-sentence scene (framed mode).
 SCENES = {
     "mill": '{"scene": "Anna visits an old mill and watches its wheel."}',
-    "river": '{"scene": "The reeds bend in the wind. It grows late."}',  # two sentences
+    "river": '{"scene": "The reeds bend in the wind. It grows late."}',  # the first sentence is the scene
     "lamp": '{"scene": "A small lamp burned in the window of the inn all night long."}',  # copies the passage
 }
 
@@ -382,7 +382,8 @@ def test_framed_mode_turns_a_scene_into_the_levels_request(corpus, tmp_path):
     sft = read(tmp_path / "out" / "sft.jsonl")
     assert sft[0]["messages"][0]["content"] == (
         "In the manner of Ann Writer, write a scene in which Anna visits an old mill and watches its wheel.")  # fmt: skip
-    assert stats["dropped"]["not_one_sentence"] == 1 and stats["dropped"]["copies_passage"] == 1
+    assert stats["dropped"]["copies_passage"] == 1 and "not_one_sentence" not in stats["dropped"]
+    assert any(r["messages"][0]["content"].endswith("in which the reeds bend in the wind.") for r in sft)
     assert any(r["messages"][0]["content"].endswith("in which someone waits at the gate.") for r in sft)
     assert sft[0]["provenance"]["instruction_answer"]["template"] == "repurposing_framed_json"
 
@@ -398,7 +399,6 @@ def test_frame_must_read_the_scene():
         ("Anne and Captain Wentworth meet again at Lyme.", None),
         ("<one sentence>", "scene_too_short"),
         ("Off with them.", "scene_too_short"),
-        ("The reeds bend. It grows late.", "not_one_sentence"),
         ("A farmer and his son quarrel over a lost horse.", "copied_hint"),
         ("Write <one sentence> about it here.", "copied_hint"),
         ("Moby Dick by Herman Melville, the whale.", "describes_the_source"),
@@ -408,3 +408,9 @@ def test_frame_must_read_the_scene():
 def test_check_scene(scene, reason):
     why = repurposing.check_scene(scene, "Herman Melville")
     assert (why.split(":")[0] if why else None) == reason
+
+
+def test_first_sentence():
+    assert repurposing.first_sentence("Mrs. Weston calls on Emma. Then more.") == "Mrs. Weston calls on Emma."
+    assert repurposing.first_sentence("J. Smith walks home! Then") == "J. Smith walks home!"
+    assert repurposing.first_sentence("No end here\nsecond line.") == "No end here"
