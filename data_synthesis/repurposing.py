@@ -26,9 +26,10 @@ varying detail for them; the instruction paired with the original work is the de
    In ``instruction_mode: framed`` (the default) the model is asked instead what happens in the passage, in
    one sentence (``SCENE_TEMPLATE``, JSON ``{"scene": ...}``), and the row's level ``frame`` turns the scene
    into the request ("Write a scene from a novel in which {scene}."). The scene is the answer's first
-   sentence, checked (``check_scene``): ``scene_too_short`` (under 4 words); ``copied_hint`` (it copies the
+   sentence, checked (``check_scene``): ``repetitive`` (8+ words, under 60% of them distinct);
+   ``scene_too_short`` (under 4 words); ``copied_hint`` (it copies the
    answer format's placeholder or example); ``describes_the_source`` (it names the passage, paragraph, novel,
-   book, chapter, story, author, narrator or the author's surname instead of what happens). Tried on
+   book, chapter, story, author, narrator, the author's surname or the quoted title instead of what happens). Tried on
    SmolLM2-135M (12 passages): a JSON answer with an example sentence was copied 191 times in 200; a JSON
    answer without one was mostly empty; the plain-text answer's first sentence kept most often, so framed
    mode answers in text.
@@ -494,9 +495,13 @@ def first_sentence(text: str) -> str:
     return text[: m.end()] if m else text
 
 
-def check_scene(scene: str, author: str) -> str | None:
+def check_scene(scene: str, author: str, title: str = "") -> str | None:
     """Framed mode's rules on the model's scene (its first sentence), as 'reason: detail' or None."""
     words = _words(scene)
+    if len(words) >= 8 and len(set(words)) < 0.6 * len(words):
+        return f"repetitive: {len(set(words))} distinct of {len(words)} words"
+    if title and any(q + title.lower() in scene.lower() for q in ('"', "\u201c", "'")):
+        return "describes_the_source: names the book"
     if len(words) < 4:
         return f"scene_too_short: {len(words)} words"
     low = scene.lower()
@@ -528,7 +533,7 @@ def parse_instruction(answer_format: str, mode: str = "free", levels: dict | Non
             return "empty_instruction"
         if mode == "framed":
             text = first_sentence(text)
-            why = check_scene(text, r.data["author"])
+            why = check_scene(text, r.data["author"], r.data["title"])
             if why:
                 return why
             r.set("scene", text, "parse")

@@ -403,10 +403,12 @@ def test_frame_must_read_the_scene():
         ("Write <one sentence> about it here.", "copied_hint"),
         ("Moby Dick by Herman Melville, the whale.", "describes_the_source"),
         ("a passage from a novel about the sea.", "describes_the_source"),
+        ('In "Moby Dick," a whale swims away.', "describes_the_source"),
+        ("a nachterkoder, a nachterkoder, is a nachterkoder, nachterkoder here", "repetitive"),
     ],
 )
 def test_check_scene(scene, reason):
-    why = repurposing.check_scene(scene, "Herman Melville")
+    why = repurposing.check_scene(scene, "Herman Melville", "Moby Dick")
     assert (why.split(":")[0] if why else None) == reason
 
 
