@@ -101,9 +101,7 @@ def test_pipeline_writes_exactly_the_pairs_demos_and_counts(tmp_path):
     (pair,) = [json.loads(line) for line in (out / "preference.jsonl").open()]
     assert pair["prompt"] == [{"role": "user", "content": "What is 2 + 2?"}]
     assert pair["chosen"][0]["content"] == "2 + 2 = 4. The answer is 4."  # the unfinished "4" is never chosen
-    assert (
-        pair["rejected"][0]["content"] == "The answer is 5."
-    )  # the unfinished correct "4" is neither
+    assert pair["rejected"][0]["content"] == "The answer is 5."  # the unfinished correct "4" is neither
     assert (
         pair["answer"] == "4" and pair["task"] == "add" and pair["provenance"]["samples"]["step"] == "sample"
     )

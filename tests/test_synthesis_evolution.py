@@ -92,7 +92,9 @@ def test_rule_functions_by_hand():
         eliminate("Name a river.", "Name the longest river.", True, cfg) == "too_short: 4 words < min_words 5"
     )
     statement = "The area of a rectangular tabletop is 7m * 15m = 105m2."
-    assert eliminate("Find the area of a 7 m by 15 m tabletop.", statement, True, cfg).startswith("not_a_request")
+    assert eliminate("Find the area of a 7 m by 15 m tabletop.", statement, True, cfg).startswith(
+        "not_a_request"
+    )
     assert eliminate("Name a river.", "It is cold. Name the longest African river.", True, cfg) is None
     words = " ".join(f"w{i}" for i in range(78))
     assert check_answer("Sorry, " + words, True, cfg) == "refusal: 'sorry' in a 79-word answer"
