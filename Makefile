@@ -109,6 +109,7 @@ format:  ## apply ruff's formatting and safe fixes
 bench: outputs/reward/model.safetensors  ## benchmarks (ratios against TRL / AdamW in one run; online DPO is judged by outputs/reward); about an hour on 2 CPU cores
 	$(PY) bench/bench_sft.py
 	$(PY) bench/bench_dpo.py
+	$(PY) bench/bench_reward.py
 	$(PY) bench/bench_online_dpo.py
 	$(PY) bench/bench_merging.py
 	$(PY) bench/bench_sandbox.py

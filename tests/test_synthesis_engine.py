@@ -17,7 +17,7 @@ import pytest
 
 from alignment.config import ConfigError
 from alignment.data import DataError
-from alignment.generation import SamplingConfig
+from alignment.generation import GenerationConfig, SamplingConfig
 from data_synthesis.backends import BackendConfig, EndpointError, OpenAIBackend, ScriptedBackend
 from data_synthesis.engine import (
     Context,
@@ -393,3 +393,23 @@ def test_rows_with_the_same_conversation_share_their_samples_and_are_generated_o
     assert backend.batches == [3, 1] and backend.calls == 4
     assert res.stats["generated_samples"] == 8 and res.stats["cached_samples"] == 4
     assert res.records[1].data["answer"] == res.records[5].data["answer"] == ["Say: same #0", "Say: same #1"]
+
+
+@pytest.mark.slow
+def test_a_fully_cached_run_loads_no_model(tmp_path, tiny_qwen2):
+    """The local backend loads its model on the first sample the cache lacks: with every sample cached, never."""
+    from data_synthesis.backends import LocalBackend
+
+    cfg = BackendConfig(
+        model=tiny_qwen2, generation=GenerationConfig(backend="transformers", max_model_len=256)
+    )
+    db = tmp_path / "c.sqlite"
+    gen = Generate("answer", ECHO, "answer", n=2, sampling=SamplingConfig(temperature=1.0, max_new_tokens=4))
+    first = LocalBackend(cfg)
+    a = Pipeline([gen]).run(records(3), Context(first, GenerationCache(db), progress=False))
+    assert first._generator is not None
+    first.close()
+    again = LocalBackend(cfg)
+    b = Pipeline([gen]).run(records(3), Context(again, GenerationCache(db), progress=False))
+    assert again._generator is None and b.stats["generated_samples"] == 0
+    assert [r.data["answer"] for r in b.records] == [r.data["answer"] for r in a.records]
