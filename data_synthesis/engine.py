@@ -424,7 +424,7 @@ class Pipeline:
 
     def run(self, records: list[Record], ctx: Context, input_columns: Iterable[str] | None = None) -> Result:
         """Run every step over all records, in order; -> the surviving records, the dropped ones, statistics."""
-        self.check(input_columns if input_columns is not None else _common_columns(records))
+        self.check(input_columns if input_columns is not None else common_columns(records))
         stats: dict[str, Any] = {"rows_in": len(records), "steps": []}
         t0 = time.perf_counter()
         for step in self.steps:
@@ -461,7 +461,7 @@ class Pipeline:
         return Result(records, list(ctx.dropped), stats, list(self.steps))
 
 
-def _common_columns(records: list[Record]) -> set[str]:
+def common_columns(records: list[Record]) -> set[str]:
     """Columns every record has (the runner checks the pipeline against these)."""
     if not records:
         return set()

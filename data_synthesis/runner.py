@@ -33,7 +33,15 @@ from typing import Any
 
 from alignment.config import ConfigError, apply_override, build, load_yaml, to_dict
 from data_synthesis.backends import BackendConfig, make_backend
-from data_synthesis.engine import Context, GenerationCache, Pipeline, Record, read_rows, write_jsonl
+from data_synthesis.engine import (
+    Context,
+    GenerationCache,
+    Pipeline,
+    Record,
+    common_columns,
+    read_rows,
+    write_jsonl,
+)
 
 # pipeline name -> module (each defines Config, steps, write).
 PIPELINES: dict[str, str] = {
@@ -111,7 +119,7 @@ def run(module, cfg: SynthesisConfig, backend=None, progress: bool = True) -> di
             raise ConfigError(f"pipeline {cfg.pipeline}: input: required (a .jsonl or .json file of rows)")
         records = read_rows(cfg.input, limit)
     pipeline = Pipeline(module.steps(cfg))
-    pipeline.check(_columns(records))  # before any model loads
+    pipeline.check(common_columns(records))  # before any model loads
     own_backend = backend is None
     if own_backend:
         backend = make_backend(cfg.backend)
@@ -141,17 +149,6 @@ def run(module, cfg: SynthesisConfig, backend=None, progress: bool = True) -> di
           f"{why}; {stats['generated_samples']} samples generated, {stats['cached_samples']} from the cache; "
           f"{stats['seconds']:.0f} s -> {out}", flush=True)  # fmt: skip
     return stats
-
-
-def _columns(records: list[Record]) -> set[str]:
-    """The input columns the pipeline may rely on: those of every row, plus ``instruction`` which the
-    ``Instruction`` step derives (a row without one is dropped and counted there)."""
-    if not records:
-        return set()
-    cols = set(records[0].data)
-    for r in records[1:]:
-        cols &= set(r.data)
-    return cols
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
