@@ -252,6 +252,19 @@ def yarn_rope_parameters(config, cfg: ModelConfig, max_length: int) -> dict | No
     }
 
 
+def refuse_pure_bf16_training(dtype: str, lora: bool = False) -> None:
+    """Training weights stored in bf16 with a plain AdamW silently loses small updates: a 7e-6 step is under
+    half a bf16 ulp of a weight of 1e-2 and rounds away. We keep fp32 master weights instead (bf16 autocast)
+    and refuse ``model.dtype: bfloat16`` for the trained weights; a LoRA adapter trains in fp32 (peft upcasts
+    it), so its frozen base may be bf16."""
+    if dtype == "bfloat16" and not lora:
+        raise ValueError(
+            "model.dtype: bfloat16 would train the weights in bf16, where AdamW's small updates round away; "
+            "use model.dtype: float32 with training.mixed_precision: bf16 (bf16 compute, fp32 master "
+            "weights), or train a LoRA adapter on the bf16 model"
+        )
+
+
 def load_causal_lm(
     cfg: ModelConfig, max_length: int, name_or_path: str | None = None, trainable: bool = True
 ):
@@ -261,6 +274,8 @@ def load_causal_lm(
     """
     from transformers import AutoConfig
 
+    if trainable:
+        refuse_pure_bf16_training(cfg.dtype, lora=cfg.lora is not None)
     path = resolve_model(name_or_path or cfg.name_or_path)
     if (Path(path) / "adapter_config.json").is_file():
         model = _load_adapter_merged(path, cfg, max_length)

@@ -47,8 +47,15 @@ def load_reward_model(name_or_path: str, dtype: str = "float32", trainable: bool
     """A sequence-classification model with one output (a new score head when loading a causal LM)."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.models import load_tokenizer, pick_attn_implementation, resolve_model
+    from alignment.models import (
+        load_tokenizer,
+        pick_attn_implementation,
+        refuse_pure_bf16_training,
+        resolve_model,
+    )
 
+    if trainable:
+        refuse_pure_bf16_training(dtype)
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(

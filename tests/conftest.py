@@ -35,6 +35,22 @@ def tiny_qwen2() -> str:
 
 
 @pytest.fixture(scope="session")
+def perturbed_qwen2(tiny_qwen2, tmp_path_factory) -> str:
+    """tiny-qwen2 with seeded noise on every weight: a reference (or a start model) that is not the policy."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("perturbed") / "model"
+    shutil.copytree(tiny_qwen2, folder)
+    weights = load_file(f"{folder}/model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    noisy = {k: v + 0.02 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in weights.items()}
+    save_file(noisy, f"{folder}/model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer(tiny_qwen2):
     from alignment.models import load_tokenizer
 

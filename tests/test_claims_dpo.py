@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from alignment.dpo import main as dpo_main
 from tests.conftest import REPO, read_metrics, reset_accelerate, write_jsonl
@@ -93,18 +93,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
-
-
-@pytest.fixture(scope="module")
-def perturbed_qwen2(tiny_qwen2, tmp_path_factory) -> str:
-    """tiny-qwen2 with seeded noise on every weight: a reference (or a start model) that is not the policy."""
-    folder = tmp_path_factory.mktemp("perturbed") / "model"
-    shutil.copytree(tiny_qwen2, folder)
-    weights = load_file(f"{folder}/model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    noisy = {k: v + 0.02 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in weights.items()}
-    save_file(noisy, f"{folder}/model.safetensors", metadata={"format": "pt"})
-    return str(folder)
 
 
 # ---------------------------------------------------------------- 2 processes == 1
