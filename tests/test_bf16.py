@@ -103,3 +103,14 @@ def test_why_pure_bf16_is_refused_adamw_steps_vanish_in_bf16_weights():
     w16 = w32.to(torch.bfloat16)
     assert torch.equal(w16 - 7e-6, w16)  # the update is lost: bf16 rounds it away
     assert not torch.equal(w32 - 7e-6, w32)  # fp32 master weights keep it
+
+
+def test_lora_on_a_bf16_base_trains_fp32_adapters():
+    """The one bf16-weights path we allow: the frozen base in bf16, the trained adapter in fp32 (peft upcasts)."""
+    from alignment.config import LoraConfig, ModelConfig
+    from alignment.models import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(name_or_path="tiny-qwen2", dtype="bfloat16", lora=LoraConfig()), 128)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
