@@ -50,17 +50,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name  # bench/machine.py: the script's folder is on sys.path
+from machine import (  # bench/machine.py: the script's folder is on sys.path
+    cpu_name,
+    our_pair_order,
+    print_result,
+    run_child,
+    step_timer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/preference/train.jsonl"
@@ -109,7 +112,6 @@ def run_ours(args) -> dict:
 def run_trl(args) -> dict:
     import datasets
     import torch
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
     from trl.trainer import dpo_trainer
 
@@ -119,7 +121,7 @@ def run_trl(args) -> dict:
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     rows = [json.loads(x) for x in open(DATA)]
-    order = _our_order(rows, args.batch)
+    order = our_pair_order(rows, DATA, args.batch, DATA_SEED, split_shuffle=False)
     ds = datasets.Dataset.from_list(
         [{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in order]
     )
@@ -127,13 +129,6 @@ def run_trl(args) -> dict:
     dpo_trainer.hash_module = _timed(dpo_trainer.hash_module, precompute_s)
     DPOTrainer._precompute_ref_logps = _timed(DPOTrainer._precompute_ref_logps, precompute_s)
     step_times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            step_times.append(time.perf_counter() - self.t0)
 
     cfg = DPOConfig(
         output_dir=str(args.tmp), per_device_train_batch_size=args.batch,
@@ -147,7 +142,11 @@ def run_trl(args) -> dict:
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
     trainer = DPOTrainer(
-        model=path, args=cfg, train_dataset=ds, processing_class=load_tokenizer(path), callbacks=[Timer()]
+        model=path,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=load_tokenizer(path),
+        callbacks=[step_timer(step_times)],
     )
     trainer.train()
     result = _summary(args, step_times, sum(precompute_s) if precomputed else None)
@@ -165,27 +164,6 @@ def _timed(fn, into: list[float]):
             into.append(time.perf_counter() - t0)
 
     return wrapper
-
-
-def _our_order(rows: list[dict], batch: int) -> list[int]:
-    """Row indices in the order our trainer visits them in its first epoch: load_examples shuffles the rows with
-    data.seed, then plan_batches shuffles the pairs. The first shuffle is checked against load_examples itself."""
-    from alignment.config import DataSource, TrainingConfig
-    from alignment.data import DataReport, load_examples, normalize_preference_row
-    from alignment.preference import PreferenceDataConfig
-    from alignment.training import plan_batches
-
-    n = len(rows)
-    loaded = list(range(n))
-    random.Random(DATA_SEED).shuffle(loaded)  # one source at weight 1: the shuffle is its only draw
-    cfg = PreferenceDataConfig(sources=[DataSource(path=str(DATA))], seed=DATA_SEED)
-    if load_examples(cfg, normalize_preference_row, DataReport()) != [
-        normalize_preference_row(rows[j], f"row {j}") for j in loaded
-    ]:
-        raise RuntimeError("alignment.data.load_examples orders rows differently now; update _our_order")
-    tc = TrainingConfig(per_device_batch_size=batch, max_steps=-(-n // batch))
-    plan = [i for b in plan_batches(n, tc, 1, DATA_SEED).global_batches for i in b][:n]
-    return [loaded[i] for i in plan]
 
 
 def _summary(args, step_times: list[float], precompute_s: float | None) -> dict:
@@ -212,34 +190,20 @@ def _padding(ds, args) -> dict:
 
 
 def child(args) -> None:
-    import torch
-
     args.tmp = Path(tempfile.mkdtemp(prefix=f"bench-dpo-{args.which}-"))  # removed after: ours saves a model
     os.environ["HF_DATASETS_CACHE"] = str(args.tmp / "hf_datasets")  # before datasets is imported: read once
     try:
         result = run_ours(args) if args.which == "ours" else run_trl(args)
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)
-    result["torch_threads"] = torch.get_num_threads()  # as trained: should equal --threads on both sides
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
-def run_child(which: str, config: str, args) -> dict:
+def child_run(which: str, config: str, args) -> dict:
     cmd = [sys.executable, __file__, "--which", which, "--configs", config, "--model", args.model,
            "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
            "--threads", str(args.threads), "--lr", str(args.lr), "--beta", str(args.beta)]  # fmt: skip
-    env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
-        "PYTHONPATH": str(REPO),
-    }  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-        sys.exit(f"{config} {which} failed (exit {proc.returncode}); its output is above")
-    return json.loads(line[len("RESULT ") :]) | {"wall_s": time.perf_counter() - t0}
+    return run_child(cmd, f"{config} {which}")
 
 
 def table(report: dict) -> str:
@@ -287,7 +251,7 @@ def main() -> None:
         "threads": args.threads, "cpu": cpu_name(), "torch": torch.__version__, "trl": trl.__version__, "configs": {},
     }  # fmt: skip
     for name in args.configs:
-        r = {which: run_child(which, name, args) for which in ("ours", "trl")}
+        r = {which: child_run(which, name, args) for which in ("ours", "trl")}
         if r["ours"]["pairs"] != r["trl"]["pairs"]:
             sys.exit(f"{name}: ours trains on {r['ours']['pairs']} pairs, TRL on {r['trl']['pairs']}")
         r["speed_ratio"] = r["ours"]["pairs_per_s"] / r["trl"]["pairs_per_s"]

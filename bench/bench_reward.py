@@ -49,17 +49,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name  # bench/machine.py: the script's folder is on sys.path
+from machine import (  # bench/machine.py: the script's folder is on sys.path
+    cpu_name,
+    our_pair_order,
+    print_result,
+    run_child,
+    step_timer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/preference/train.jsonl"
@@ -123,7 +126,6 @@ def train_ours(args) -> dict:
 def train_trl(args) -> dict:
     import datasets
     import torch
-    from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
     from alignment.models import load_tokenizer, resolve_model
@@ -132,16 +134,12 @@ def train_trl(args) -> dict:
     path = resolve_model(args.model)
     rows = [json.loads(x) for x in open(DATA)]
     ds = datasets.Dataset.from_list(
-        [{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in _our_order(rows, args.batch)]
+        [
+            {k: rows[i][k] for k in ("prompt", "chosen", "rejected")}
+            for i in our_pair_order(rows, DATA, args.batch, DATA_SEED, split_shuffle=True)
+        ]
     )
     step_times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            step_times.append(time.perf_counter() - self.t0)
 
     cfg = RewardConfig(
         output_dir=str(args.tmp), per_device_train_batch_size=args.batch,
@@ -155,33 +153,9 @@ def train_trl(args) -> dict:
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
     trainer = RewardTrainer(model=path, args=cfg, train_dataset=ds, processing_class=load_tokenizer(path),
-                            callbacks=[Timer()])  # fmt: skip
+                            callbacks=[step_timer(step_times)])  # fmt: skip
     trainer.train()
     return _train_summary(args, step_times) | {"pairs": len(trainer.train_dataset), **_padding(trainer, args)}
-
-
-def _our_order(rows: list[dict], batch: int) -> list[int]:
-    """Row indices in the order our reward trainer visits them in its first epoch (with eval_fraction 0):
-    load_examples shuffles the rows with data.seed (checked against load_examples itself), the trainer shuffles
-    the tokenized pairs again with data.seed for its held-out split, then plan_batches shuffles them per epoch."""
-    from alignment.config import DataSource, TrainingConfig
-    from alignment.data import DataReport, load_examples, normalize_preference_row
-    from alignment.preference import PreferenceDataConfig
-    from alignment.training import plan_batches
-
-    n = len(rows)
-    loaded = list(range(n))
-    random.Random(DATA_SEED).shuffle(loaded)  # one source at weight 1: the shuffle is its only draw
-    cfg = PreferenceDataConfig(sources=[DataSource(path=str(DATA))], seed=DATA_SEED)
-    if load_examples(cfg, normalize_preference_row, DataReport()) != [
-        normalize_preference_row(rows[j], f"row {j}") for j in loaded
-    ]:
-        raise RuntimeError("alignment.data.load_examples orders rows differently now; update _our_order")
-    split = list(range(n))
-    random.Random(DATA_SEED).shuffle(split)  # reward_model.main: the held-out split (none here) and the rest
-    tc = TrainingConfig(per_device_batch_size=batch, max_steps=-(-n // batch))
-    plan = [i for b in plan_batches(n, tc, 1, DATA_SEED).global_batches for i in b][:n]
-    return [loaded[split[i]] for i in plan]
 
 
 def _train_summary(args, step_times: list[float]) -> dict:
@@ -273,8 +247,6 @@ def _score_summary(seconds: float, scores: list[float], lens: list[int]) -> dict
 
 
 def child(args) -> None:
-    import torch
-
     args.tmp = Path(tempfile.mkdtemp(prefix=f"bench-reward-{args.task}-{args.which}-"))  # ours saves a model
     os.environ["HF_DATASETS_CACHE"] = str(args.tmp / "hf_datasets")  # before datasets is imported: read once
     run = {("train", "ours"): train_ours, ("train", "trl"): train_trl,
@@ -283,27 +255,15 @@ def child(args) -> None:
         result = run(args)
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)
-    result["torch_threads"] = torch.get_num_threads()  # as run: should equal --threads on every side
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
-def run_child(task: str, which: str, args) -> dict:
+def child_run(task: str, which: str, args) -> dict:
     cmd = [sys.executable, __file__, "--task", task, "--which", which, "--model", args.model,
            "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
            "--threads", str(args.threads), "--lr", str(args.lr), "--precision", args.precision,
            "--score-pairs", str(args.score_pairs), "--score-batch", str(args.score_batch)]  # fmt: skip
-    env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
-        "PYTHONPATH": str(REPO),
-    }  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-        sys.exit(f"{task} {which} failed (exit {proc.returncode}); its output is above")
-    return json.loads(line[len("RESULT ") :]) | {"wall_s": time.perf_counter() - t0}
+    return run_child(cmd, f"{task} {which}")
 
 
 def compare(task: str, runs: dict[str, list[dict]]) -> dict:
@@ -375,7 +335,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {side: [] for side in SIDES[task]}
         for rep in range(args.repeats):
             for side in SIDES[task]:
-                runs[side].append(run_child(task, side, args))
+                runs[side].append(child_run(task, side, args))
                 r = runs[side][-1]
                 rate = (
                     f"{r['pairs_per_s']:.2f} pairs/s" if task == "train" else f"{r['seqs_per_s']:.2f} seqs/s"

@@ -3,6 +3,7 @@ sequence each trains under a memory cap, in one run.
 
     python bench/bench_sft.py                      # SmolLM2-135M-Instruct, bf16 autocast, 1k and 4k packs
     python bench/bench_sft.py --precision no --lengths 1024 --probe-lengths ""        # fp32 at 1k only
+    python bench/bench_sft.py --child ours --length 1024 --batch 4 --steps 3 --profile   # where the time goes
     OMP_NUM_THREADS=1 python bench/bench_sft.py --model tiny-qwen2 --steps 2 --repeats 1 --probe-lengths 2048  # smoke
 
 Same on both sides: the shipped demonstrations (data/sft/train.jsonl), loss on the answers only, packed into
@@ -32,15 +33,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name  # bench/machine.py: the script's folder is on sys.path
+from machine import (  # bench/machine.py: this folder is on sys.path
+    cpu_name,
+    print_result,
+    run_child,
+    step_timer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/sft/train.jsonl"
@@ -76,7 +80,6 @@ def run_ours(args) -> dict:
 def run_trl(args) -> dict:
     """TRL's SFTTrainer with packing (BFD, padding-free) and completion-only loss."""
     import datasets
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from alignment.models import load_tokenizer, resolve_model
@@ -94,13 +97,6 @@ def run_trl(args) -> dict:
     )  # fmt: skip
     step_times: list[float] = []
     step_tokens: list[int] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            step_times.append(time.perf_counter() - self.t)
 
     cfg = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
@@ -123,7 +119,11 @@ def run_trl(args) -> dict:
         disable_tqdm=True,
     )
     trainer = SFTTrainer(
-        model=path, args=cfg, train_dataset=ds, processing_class=load_tokenizer(path), callbacks=[Timer()]
+        model=path,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=load_tokenizer(path),
+        callbacks=[step_timer(step_times)],
     )
     collate = trainer.data_collator
 
@@ -141,9 +141,16 @@ def run_trl(args) -> dict:
 def child(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    result = run_ours(args) if args.child == "ours" else run_trl(args)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    run = run_ours if args.child == "ours" else run_trl
+    if args.profile:  # where the time goes: torch ops by self CPU time over the whole run
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = run(args)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    else:
+        result = run(args)
+    print_result(result)
 
 
 def launch(which: str, args, length: int, batch: int, steps: int, checkpointing: bool, cap_mb: float | None):
@@ -152,29 +159,7 @@ def launch(which: str, args, length: int, batch: int, steps: int, checkpointing:
            "--length", str(length), "--batch", str(batch), "--precision", args.precision]  # fmt: skip
     if checkpointing:
         cmd.append("--checkpointing")
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    peak = 0.0
-    while proc.poll() is None:
-        try:
-            rss_kb = int(
-                next(x for x in open(f"/proc/{proc.pid}/status") if x.startswith("VmRSS")).split()[1]
-            )
-        except (OSError, StopIteration):
-            rss_kb = 0
-        peak = max(peak, rss_kb / 1024)
-        if cap_mb is not None and peak > cap_mb:
-            proc.kill()
-            proc.wait()
-            return {"killed_at_mb": peak}
-        time.sleep(0.1)
-    log.seek(0)
-    text = log.read()
-    line = next((x for x in text.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        print(text[-5000:], file=sys.stderr)
-        raise SystemExit(f"{which} at {length} tokens failed (exit {proc.returncode})")
-    return json.loads(line[len("RESULT ") :])
+    return run_child(cmd, f"{which} at {length} tokens", cap_mb)
 
 
 def matmul_peak(precision: str, n: int = 2048, repeats: int = 10) -> float:
@@ -228,6 +213,7 @@ def main() -> None:
     ap.add_argument("--length", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="with --child: print torch.profiler's op table")
     args = ap.parse_args()
     if args.precision is None:
         sys.path.insert(0, str(REPO))

@@ -197,9 +197,18 @@ class Dropped:
     step: str
     reason: str
     detail: str = ""
+    item: bool = False  # one solution, test, function, case or answer of a row (``drop_item``), not a row
 
     def to_row(self) -> dict[str, Any]:
         return {"step": self.step, "reason": self.reason, "detail": self.detail, "row": self.record.to_row()}
+
+
+def _drop_counts(dropped: list[Dropped]) -> dict[str, dict[str, int]]:
+    """Reasons counted apart for rows and for items of a row (a solution, a test, a case, an answer...)."""
+    return {
+        "dropped": dict(Counter(d.reason for d in dropped if not d.item)),
+        "dropped_items": dict(Counter(d.reason for d in dropped if d.item)),
+    }
 
 
 class Context:
@@ -222,8 +231,8 @@ class Context:
         self.step = "?"
         self.generated_samples = 0
 
-    def drop(self, record: Record, reason: str, detail: str = "") -> None:
-        self.dropped.append(Dropped(record, self.step, reason, detail))
+    def drop(self, record: Record, reason: str, detail: str = "", item: bool = False) -> None:
+        self.dropped.append(Dropped(record, self.step, reason, detail, item))
 
 
 class Step:
@@ -449,12 +458,11 @@ class Pipeline:
                         f"step {step.name!r} lost {sum(lost.values())} row(s) without dropping them "
                         f"(first: {next(iter(lost))})"
                     )
-            reasons = Counter(d.reason for d in dropped_here)
             stats["steps"].append({"step": step.name, "rows_in": n_in, "rows_out": len(out),
-                                   "dropped": dict(reasons), "seconds": round(time.perf_counter() - t, 3)})  # fmt: skip
+                                   **_drop_counts(dropped_here), "seconds": round(time.perf_counter() - t, 3)})  # fmt: skip
             records = out
         stats["rows_out"] = len(records)
-        stats["dropped"] = dict(Counter(d.reason for d in ctx.dropped))
+        stats |= _drop_counts(ctx.dropped)
         stats["generated_samples"] = ctx.generated_samples
         stats["cached_samples"] = ctx.cache.hits
         stats["seconds"] = round(time.perf_counter() - t0, 3)
@@ -584,11 +592,11 @@ def as_list(value: Any) -> list:
 
 def drop_item(ctx: Context, record: Record, kind: str, index: int, text: Any, reason: str, detail: str = ""):
     """Drop one solution, test, function, case or answer of a row: it is listed in dropped.jsonl with the id
-    ``<row id>#<kind><index>`` and counted by reason like a row."""
+    ``<row id>#<kind><index>`` and counted by reason under ``dropped_items``, apart from the rows' ``dropped``."""
     item = Record(
         f"{record.id}#{kind}{index}", {"item": kind, "row": record.id, "index": index, "text": text}
     )
-    ctx.drop(item, reason, detail)
+    ctx.drop(item, reason, detail, item=True)
 
 
 def pick(chosen: list[str], rejected: list[str], rng: random.Random, pairs: int, demos: int):

@@ -144,6 +144,10 @@ def run(module, cfg: SynthesisConfig, backend=None, progress: bool = True) -> di
         for r in result.records[: cfg.dry_run]:
             print(json.dumps(r.to_row(), ensure_ascii=False)[:2000])
     why = ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped"].items())) or "none"
+    if stats["dropped_items"]:
+        why += "; items of rows dropped: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(stats["dropped_items"].items())
+        )
     made = ", ".join(f"{k} {v}" for k, v in files.items())
     print(f"[synthesis] {cfg.pipeline}: {stats['rows_in']} rows in, {stats['rows_out']} out ({made}); dropped: "
           f"{why}; {stats['generated_samples']} samples generated, {stats['cached_samples']} from the cache; "

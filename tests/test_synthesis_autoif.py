@@ -127,20 +127,22 @@ def test_pipeline_cross_validates_judges_and_writes(tmp_path):
     stats = run(autoif, _config(tmp_path), backend=backend, progress=False)
     # 4 constraints x 2 templates, then 2 kept constraints x 3 queries.
     assert backend.calls == 4 * 2 + 2 * 3
-    assert stats["dropped"] == {
+    assert stats["dropped"] == {  # rows
         "no_instruction": 1,
+        "no_functions": 1,
+        "no_cases": 1,
+        # Every answer about wind breaks both constraints; the 250-character answer makes NO_COMMA raise.
+        "no_accepted_answer": 2,
+    }
+    assert stats["dropped_items"] == {  # functions, cases and answers of the rows
         "no_evaluate": 5,  # "Check for commas." and the four answers of "Be wise."
         "duplicate_function": 4,  # one for "fewer than 5 words", three for "Rhyme."
         "case_malformed": 1,
         "duplicate_case": 2,  # "Yes indeed." again, and the second case answer of "Be wise."
         "cases_unparsable": 3,
-        "no_functions": 1,
-        "no_cases": 1,
         # `return True` agrees with 2 of 4 cases, the raising one 1 of 2, the hanging one 0 of 2.
         "function_inaccurate": 3,
         "case_disputed": 1,
-        # Every answer about wind breaks both constraints; the 250-character answer makes NO_COMMA raise.
-        "no_accepted_answer": 2,
         "unjudged": 2,
     }
     assert stats["rows_out"] == 4
@@ -193,7 +195,7 @@ def test_a_stricter_filter_reuses_every_generation(tmp_path):
 def test_an_accepted_answer_cut_at_the_token_limit_is_never_chosen(tmp_path):
     backend = ScriptedBackend(model, finished=False)
     stats = run(autoif, _config(tmp_path, "cache=none"), backend=backend, progress=False)
-    assert stats["dropped"]["unfinished"] == 8  # two accepted answers in each of the four rows
+    assert stats["dropped_items"]["unfinished"] == 8  # two accepted answers in each of the four rows
     assert stats["dropped"]["no_accepted_answer"] == 6 and stats["rows_out"] == 0
 
 

@@ -137,16 +137,18 @@ def test_pipeline_pass_matrix_drops_pairs_and_files(tmp_path):
     # (0,0)->0. a+b passes 1, 2, 4; a-b passes 2, 4; the wrong test is passed by none. The answer in prose
     # defines no function. noop: every test fails -> no kept test. double: x*3 passes (0)->0 only, 4 passes
     # (2)->4 only, so both tests are kept and nothing passes all; the hanging one passes none.
-    assert stats["dropped"] == {
+    assert stats["dropped"] == {  # rows
         "no_instruction": 1,
         "no_entry_point": 1,
+        "no_kept_test": 1,
+        "no_passing_solution": 1,
+    }
+    assert stats["dropped_items"] == {  # solutions and tests of the rows
         "no_function": 2,
         "test_no_call": 1,
         "duplicate_test": 2,
         "test_passed_by_none": 4,
-        "no_kept_test": 1,
         "solution_passes_none": 1,
-        "no_passing_solution": 1,
     }
     assert stats["rows_out"] == 1
     out = tmp_path / "out"
@@ -187,7 +189,7 @@ def test_a_passing_solution_cut_at_the_token_limit_is_never_chosen(tmp_path):
     backend = ScriptedBackend(model, finished=False)
     stats = run(code_feedback, _config(tmp_path, "cache=none"), backend=backend, progress=False)
     # a+b (twice) is the only passing solution of add_two: both unfinished -> no passing solution left.
-    assert stats["dropped"]["unfinished"] == 2
+    assert stats["dropped_items"]["unfinished"] == 2
     assert stats["dropped"]["no_passing_solution"] == 2 and stats["rows_out"] == 0
 
 
