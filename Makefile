@@ -106,7 +106,7 @@ format:  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: outputs/reward/model.safetensors  ## benchmarks (ratios against TRL / AdamW in one run; online DPO is judged by outputs/reward); about an hour on 2 CPU cores
+bench: outputs/reward/model.safetensors  ## benchmarks (ratios against TRL / AdamW in one run; online DPO is judged by outputs/reward); about an hour and a half on 2 CPU cores
 	$(PY) bench/bench_sft.py
 	$(PY) bench/bench_dpo.py
 	$(PY) bench/bench_reward.py

@@ -34,10 +34,13 @@ def print_result(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(cmd: list[str], label: str, cap_mb: float | None = None) -> dict:
+def run_child(
+    cmd: list[str], label: str, cap_mb: float | None = None, timeout_s: float | None = None
+) -> dict:
     """Run one side (``cmd``: a bench script with its child arguments) offline and return its RESULT line with
     ``wall_s``. With ``cap_mb``, the child's RSS is sampled every 0.1 s and the child is killed past the cap:
-    then {"killed_at_mb": the RSS seen}. A child that fails stops the benchmark with its output."""
+    then {"killed_at_mb": the RSS seen}; with ``timeout_s``, killed after that many seconds: then
+    {"timed_out_s": timeout_s, "rss_mb": the peak RSS seen}. A child that fails stops the benchmark."""
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
         "PYTHONPATH": str(REPO),
@@ -57,6 +60,10 @@ def run_child(cmd: list[str], label: str, cap_mb: float | None = None) -> dict:
                 proc.kill()
                 proc.wait()
                 return {"killed_at_mb": peak}
+            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                proc.kill()
+                proc.wait()
+                return {"timed_out_s": timeout_s, "rss_mb": peak}
             time.sleep(0.1)
         log.seek(0)
         text = log.read()
