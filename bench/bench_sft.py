@@ -226,14 +226,13 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="with --child: print torch.profiler's op table")
     args = ap.parse_args()
+    sys.path.insert(0, str(REPO))  # runnable from a checkout; children get it through PYTHONPATH too
     if args.precision is None:
-        sys.path.insert(0, str(REPO))
         from alignment.training import resolve_mixed_precision
 
         args.precision = resolve_mixed_precision("auto", cuda=False)
     if args.child:
         return child(args)
-    sys.path.insert(0, str(REPO))
 
     flops_per_token, model_info = model_flops_per_token(args.model)
     peak = matmul_peak(args.precision)

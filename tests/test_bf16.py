@@ -3,8 +3,8 @@
 For SFT, offline DPO, the reward model and online DPO, the first step's loss under bf16 autocast is compared
 with the same step in fp32, on the same batch (the batch plan is seeded; online DPO's answers come from an
 fp32 engine in both runs, and the test checks that both runs scored the same answers). The bf16 loss must
-differ from the fp32 one (else bf16 did not run) and stay within a stated tolerance of it; the weights the
-optimizer updates and the saved weights stay fp32 (fp32 master weights).
+differ from the fp32 one (else bf16 did not run) and stay within a stated tolerance of it, and the saved
+weights are fp32 (the trained weights cannot be bf16: loading them so for training is refused, tested below).
 
 Tolerances, measured on this 2-core EPYC (AVX512-BF16) with the first step of each test below: SFT's loss
 moved by 1.3e-4 nats, DPO's by 3.3e-4, the reward model's by 1.3e-4, online DPO's by 9.4e-4. The bounds are
