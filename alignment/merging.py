@@ -105,6 +105,10 @@ except ImportError:  # torch built without distributed support: there are no DTe
 
 MODES = ("ondare", "onties")
 
+# OnTIES' step works through large tensors in blocks of this many entries (1 MiB of float32): the moments,
+# Delta and its magnitude of one block stay in the CPU's cache between the block's operations.
+_BLOCK = 1 << 18
+
 # Wrappers rename parameters: DDP and FSDP1 add "module.", torch.compile "_orig_mod.", peft
 # "base_model.model." and ".base_layer." around the frozen base weights. Names are compared without them only
 # when the exact name is missing, so an unwrapped reference can serve a wrapped policy.
@@ -196,8 +200,19 @@ def _sample_bounds(values: torch.Tensor, k: int) -> tuple[torch.Tensor | None, t
     of the sample quantile above and below the k-th largest's rank. Only a guess: the callers check it and
     fall back.
     """
-    n = values.numel()
-    sample = values[:: max(1, n // min(16384, max(1024, n // 128)))].sort(descending=True).values
+    return _bounds_from_sample(values[:: _sample_stride(values.numel())], values.numel(), k)
+
+
+def _sample_stride(n: int) -> int:
+    """The stride of ``_sample_bounds``' sample: n / 128 entries, at least 1,024 and at most 16,384."""
+    return max(1, n // min(16384, max(1024, n // 128)))
+
+
+def _bounds_from_sample(
+    sample: torch.Tensor, n: int, k: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``_sample_bounds`` from a strided sample of a tensor of ``n`` entries, already taken."""
+    sample = sample.sort(descending=True).values
     size, q = sample.numel(), k / n
     margin = 4 * math.sqrt(size * q * (1 - q)) + 16
     hi, lo = int(q * size - margin), math.ceil(q * size + margin)
@@ -243,14 +258,27 @@ def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     upper, lower = _sample_bounds(values, k) if n > 65536 else (None, None)
     if lower is not None:
         index = (values >= lower).nonzero().squeeze(1)
-        if index.numel() >= k:
-            near = values.index_select(0, index)
-            above = 0 if upper is None else int(torch.count_nonzero(near > upper))
-            if above < k:
-                candidates = near if upper is None else near[near <= upper]
-                threshold = candidates.kthvalue(candidates.numel() - (k - above) + 1).values
-                return index[near >= threshold]
+        kept = _top_k_among(index, values.index_select(0, index), upper, k)
+        if kept is not None:
+            return index[kept]
     return (values >= kth_largest(values, k)).nonzero().squeeze(1)
+
+
+def _top_k_among(
+    index: torch.Tensor, near: torch.Tensor, upper: torch.Tensor | None, k: int
+) -> torch.Tensor | None:
+    """Which of the candidates ``near`` (the values at ``index``: every entry >= a lower bound L) are >= the
+    k-th largest of the whole tensor, as a boolean mask over them; None when the bounds do not bracket it
+    (fewer than k candidates, or k or more above ``upper``), and the caller must look at the whole tensor.
+    """
+    if index.numel() < k:
+        return None
+    above = 0 if upper is None else int(torch.count_nonzero(near > upper))
+    if above >= k:
+        return None
+    candidates = near if upper is None else near[near <= upper]
+    threshold = candidates.kthvalue(candidates.numel() - (k - above) + 1).values
+    return near >= threshold
 
 
 def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Tensor:
@@ -343,10 +371,27 @@ def adamw_direction(
 
     OnDARE's sparse step calls it on the moments gathered at the kept indices.
     """
+    return _adamw_direction_into(
+        exp_avg, exp_avg_sq, torch.empty_like(exp_avg), step, lr=lr, beta1=beta1, beta2=beta2, eps=eps
+    )
+
+
+def _adamw_direction_into(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    out: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """``adamw_direction`` written into ``out`` (same shape as the moments), op for op the same arithmetic."""
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = torch.sqrt(exp_avg_sq, out=out).div_(bias_correction2_sqrt).add_(eps)
     # Written into denom (an elementwise op may alias its input) to save one parameter-sized buffer.
     return torch.div(exp_avg, denom, out=denom).mul_(-step_size)
 
@@ -731,21 +776,18 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         step = int(state["step"].item())
         beta1, beta2 = group["betas"]
-        delta = adamw_update(
-            param.grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            step,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-        ).reshape(-1)
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        k = keep_count(param.numel(), group["reserve_p"])
+        found = self._onties_top_k_by_blocks(param, state, step, k, hyper)
+        if found is None:
+            delta = adamw_update(param.grad, state["exp_avg"], state["exp_avg_sq"], step, **hyper).reshape(-1)
+            index = top_k_indices(delta.abs(), k)
+            kept = delta.index_select(0, index)
+            del delta
+        else:
+            index, kept = found
         if group["weight_decay"] != 0:
             param.mul_(1 - group["lr"] * group["weight_decay"])
-        index = top_k_indices(delta.abs(), keep_count(delta.numel(), group["reserve_p"]))
-        kept = delta.index_select(0, index)
-        del delta
         if group["use_merge"]:
             alpha = group["alpha"]
             tau = _tau(state).reshape(-1).index_select(0, index)
@@ -757,6 +799,59 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             kept.sub_(torch.where((tau >= 0) == positive, zero, tau), alpha=alpha)
             param.add_(state["tau"], alpha=alpha)
         _add_at(param, index, kept.to(param.dtype))
+
+    def _onties_top_k_by_blocks(
+        self, param: torch.Tensor, state: dict[str, Any], step: int, k: int, hyper: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Advance the moments and find OnTIES' kept indices and Delta there, in one pass of cache-sized blocks.
+
+        Delta is never formed for the whole tensor. Bounds U >= L on the k-th largest |Delta| come first, from
+        Delta computed on a strided sample of the moments (``_sample_stride``, advanced out of place); then
+        for each block of ``_BLOCK`` entries the moments advance in place, Delta is formed in a block-sized
+        buffer, and the entries with |Delta| >= L are kept as candidates with their Delta. The exact k-th
+        largest is then selected among the candidates (``_top_k_among``). Each block's arithmetic is
+        ``adamw_update``'s, op for op, so the moments, Delta and the kept set are the dense path's. Returns
+        (sorted flat indices, Delta at them) with the moments advanced; None, with the moments NOT advanced,
+        when this path does not apply (a small or non-contiguous tensor, no lower bound); and when the
+        sample misled, the moments are advanced and Delta is recomputed densely from them.
+        """
+        grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
+        n = param.numel()
+        tensors = (grad, exp_avg, exp_avg_sq)
+        if n <= 65536 or k >= n or not all(t.is_contiguous() and t.dtype == param.dtype for t in tensors):
+            return None
+        beta1, beta2 = hyper["beta1"], hyper["beta2"]
+        grad, exp_avg, exp_avg_sq = (t.view(-1) for t in tensors)
+        stride = _sample_stride(n)
+        sample_grad = grad[::stride]
+        sample_avg = exp_avg[::stride].lerp(sample_grad, 1 - beta1)
+        sample_sq = exp_avg_sq[::stride].mul(beta2).addcmul_(sample_grad, sample_grad, value=1 - beta2)
+        upper, lower = _bounds_from_sample(adamw_direction(sample_avg, sample_sq, step, **hyper).abs_(), n, k)
+        if lower is None:
+            return None
+        block = min(_BLOCK, n)
+        delta = torch.empty(block, dtype=param.dtype, device=param.device)
+        magnitude = torch.empty_like(delta)
+        is_candidate = torch.empty(block, dtype=torch.bool, device=param.device)
+        indices, values = [], []
+        for start in range(0, n, block):
+            end = min(start + block, n)
+            size = end - start
+            g, m, v = grad[start:end], exp_avg[start:end], exp_avg_sq[start:end]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            d = _adamw_direction_into(m, v, delta[:size], step, **hyper)
+            torch.ge(torch.abs(d, out=magnitude[:size]), lower, out=is_candidate[:size])
+            found = is_candidate[:size].nonzero().squeeze(1)
+            values.append(d.index_select(0, found))
+            indices.append(found.add_(start))
+        index, near = torch.cat(indices), torch.cat(values)
+        kept = _top_k_among(index, near.abs(), upper, k)
+        if kept is None:  # the sample misled: rank the dense Delta of the moments just advanced
+            dense = adamw_direction(exp_avg, exp_avg_sq, step, **hyper)
+            index = top_k_indices(dense.abs(), k)
+            return index, dense.index_select(0, index)
+        return index[kept], near[kept]
 
     def _merged_update(
         self, delta: torch.Tensor, state: dict[str, Any], group: dict[str, Any]

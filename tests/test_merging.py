@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from alignment import merging
 from alignment.merging import (
     OnlineMergingOptimizer,
     adamw_update,
@@ -323,11 +324,16 @@ def test_kth_largest_equals_kthvalue(values):
         assert kth_largest(values, k) == values.kthvalue(n - k + 1).values, k
 
 
+@pytest.mark.parametrize("block", [None, 4096], ids=["one-block", "49-blocks"])
 @pytest.mark.parametrize("use_merge", [True, False])
-def test_onties_step_on_a_large_tensor_equals_trim_then_disjoint_merge(use_merge):
+def test_onties_step_on_a_large_tensor_equals_trim_then_disjoint_merge(use_merge, block, monkeypatch):
     """A 400 x 500 tensor (past kth_largest's sampling size) with gradients rounded to 1/8, so that many
     |Delta| tie: each OnTIES step equals adamw_update's Delta (from the same moments) trimmed by ties_trim
-    and merged by disjoint_merge, the dense path's functions."""
+    and merged by disjoint_merge, the dense path's functions. Worked through in one block and in 49 (the
+    last one partial); the blocked search must find the top-k itself, without the dense fallback."""
+    if block is not None:
+        monkeypatch.setattr(merging, "_BLOCK", block)
+    monkeypatch.setattr(merging, "top_k_indices", _no_dense_fallback)
     gen = torch.Generator().manual_seed(3)
     theta = nn.Parameter(torch.randn(400, 500, generator=gen, dtype=DTYPE))
     # tau_tilde keeps the top 10% of |tau|, from about 0.0066 (1.645 sigma) up, around |Delta| ~ lr = 0.01:
@@ -361,6 +367,45 @@ def test_onties_step_on_a_large_tensor_equals_trim_then_disjoint_merge(use_merge
             assert int(tau_wins.sum()) > 50 and int((opposed & ~tau_wins).sum()) > 50
             expected = disjoint_merge(delta_hat, tau_tilde, alpha)
         torch.testing.assert_close(theta.detach(), before + expected, rtol=0, atol=1e-12)
+
+
+def _no_dense_fallback(values, k):
+    raise AssertionError("the blocked OnTIES step fell back to the dense top-k")
+
+
+def test_onties_blocked_step_falls_back_when_the_sample_misleads(monkeypatch):
+    """Every 128th gradient (the sample's stride at 200,000 entries) is 1, the rest about 0.01: at step 1
+    Adam's |Delta| = lr |g| / (|g| + eps) grows with |g|, so the sample sees only the largest entries, its
+    lower bound admits fewer than k candidates, and the step must rank the dense Delta instead. It still
+    equals the dense path's functions."""
+    monkeypatch.setattr(merging, "_BLOCK", 4096)
+    calls = []
+    dense_top_k = merging.top_k_indices
+    monkeypatch.setattr(merging, "top_k_indices", lambda values, k: calls.append(k) or dense_top_k(values, k))
+    gen = torch.Generator().manual_seed(4)
+    theta = nn.Parameter(torch.randn(200_000, generator=gen, dtype=DTYPE))
+    opt = OnlineMergingOptimizer(
+        [("theta", theta)],
+        reference=None,
+        base=None,
+        mode="onties",
+        reserve_p=0.1,
+        alpha=0.0,
+        lr=0.01,
+        use_merge=False,
+    )
+    grad = 0.01 * torch.randn(200_000, generator=gen, dtype=DTYPE)
+    grad[::128] = 1.0
+    before = theta.detach().clone()
+    theta.grad = grad.clone()
+    opt.step()
+    assert calls == [20_000]
+    delta = adamw_update(
+        grad, torch.zeros_like(grad), torch.zeros_like(grad), 1, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8
+    )
+    torch.testing.assert_close(theta.detach(), before + ties_trim(delta, 0.1), rtol=0, atol=1e-12)
+    once = torch.zeros_like(grad).lerp_(grad, 1 - 0.9)
+    assert torch.equal(opt.state[theta]["exp_avg"], once)  # the moments advanced once, not twice
 
 
 def test_onties_optimizer_step_by_hand():
