@@ -24,7 +24,10 @@ Metrics, written flat to one JSON file (``output``, default ``<model>/eval.json`
 - ``time/greedy_answers`` (the greedy answers of every set: one engine request) and ``time/<metric>`` (its
   scoring; for the win rate and the KL all their work) in seconds, ``model``, the resolved config, and
   ``missing``: each metric that was not measured with the reason (skipped by the config, or the sandbox refused
-  to run on this machine): a metric that could not be measured is absent and named there, never a silent 0.
+  to run on this machine): a metric that could not be measured is absent and named there, never a silent 0;
+- ``math_by_task``: the math accuracy per ``task`` of the held-out rows, and ``answers``: the name of the file
+  beside it (``eval.answers.jsonl``) that holds every greedy answer, one JSON row each, math answers with their
+  verdict (``correct``): the report counts which answers a stage turned right or wrong.
 
 Deliberate simplifications: one process, one model at a time; greedy decoding only for the scored answers;
 the KL and the NLL run with transformers (the engine gives no log-probs of a second model).
@@ -54,6 +57,7 @@ from alignment.config import (
 )
 from alignment.data import DataError, encode_prompt
 from alignment.evaluation import (
+    accuracy_by_task,
     answer_sequences,
     cache_key,
     cached_values,
@@ -64,7 +68,7 @@ from alignment.evaluation import (
     ifeval_accuracy,
     kl_to_reference,
     load_prompts,
-    math_score,
+    math_correct,
     reward_model_win_rate,
     sample,
 )
@@ -172,6 +176,10 @@ class Report:
     metrics: dict[str, float] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
+    # Math accuracy per task of the held-out rows, and every greedy answer (one row each, with its set's
+    # verdict where it has one per row): what the report reads to say which answers a stage changed.
+    math_by_task: dict[str, float] = field(default_factory=dict)
+    answers: list[dict] = field(default_factory=list)
 
     @contextlib.contextmanager
     def timed(self, name: str):
@@ -293,10 +301,13 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
                                     SamplingConfig(1.0, max_new_tokens=cfg.max_new_tokens))  # fmt: skip
     finally:
         gen.close()
+    verdicts: dict[str, list[bool]] = {}
     if "math" in answers:
         with report.timed("math_accuracy"):
-            acc = math_score([a.text for a in answers["math"]], sets["math"])
+            verdicts["math"] = math_correct([a.text for a in answers["math"]], sets["math"])
+        acc = sum(verdicts["math"]) / max(1, len(verdicts["math"]))
         report.add("eval/math_accuracy", acc, f"({len(sets['math'])} prompts)")
+        report.math_by_task = accuracy_by_task(verdicts["math"], sets["math"])
     if "ifeval" in answers:
         with report.timed("ifeval"):
             strict, each = ifeval_accuracy([a.text for a in answers["ifeval"]], sets["ifeval"])
@@ -305,6 +316,11 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
     if "code" in answers and code is not None:
         with report.timed("code_pass@1"):
             score_code([a.text for a in answers["code"]], sets["code"], code, report)
+    for name, texts in answers.items():
+        for i, (answer, ex) in enumerate(zip(texts, sets[name])):
+            row = {"set": name, "row": i, "id": ex.columns.get("id"), "task": ex.columns.get("task")}
+            row |= {"answer": answer.text} | ({"correct": verdicts[name][i]} if name in verdicts else {})
+            report.answers.append(row)
     return answers, kl_answers
 
 
@@ -434,6 +450,11 @@ def logprob_metrics(cfg: EvalConfig, path: str, reference: str | None, tokenizer
 # --------------------------------------------------------------------------------------------------------------
 
 
+def answers_path(output: Path) -> Path:
+    """Where the greedy answers go beside the JSON: eval.json -> eval.answers.jsonl."""
+    return output.with_name(output.stem + ".answers.jsonl")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = sys.argv[1:] if argv is None else argv
     cfg: EvalConfig = parse_cli(EvalConfig, args)
@@ -481,7 +502,12 @@ def main(argv: list[str] | None = None) -> dict:
     report.times["time/total"] = time.perf_counter() - t_start
     result = {"model": path, **report.metrics, **report.times, "missing": report.missing,
               "prompts": {k: len(v) for k, v in sets.items()}, "config": to_dict(cfg)}  # fmt: skip
+    if report.math_by_task:
+        result["math_by_task"] = report.math_by_task
     output.parent.mkdir(parents=True, exist_ok=True)
+    answers_file = answers_path(output)
+    answers_file.write_text("".join(json.dumps(row) + "\n" for row in report.answers))
+    result["answers"] = answers_file.name
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"[eval] wrote {output} ({report.times['time/total']:.0f} s)", flush=True)
     return result

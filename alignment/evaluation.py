@@ -60,15 +60,28 @@ def math_accuracy(generator: Generator, tokenizer, examples, max_new_tokens: int
     return math_score([a.text for a in answers], examples), answers
 
 
-def math_score(texts: list[str], examples) -> float:
-    """The share of answers whose final answer the ``math`` reward judges equal to the row's gold ``answer``."""
+def math_correct(texts: list[str], examples) -> list[bool]:
+    """Per answer: does the ``math`` reward judge its final answer equal to the row's gold ``answer``?"""
     from reward.math_reward import MathReward
 
     out = MathReward()(
         [ex.prompt for ex in examples], texts, answer=[ex.columns["answer"] for ex in examples]
     )
-    correct = [s == 1.0 for s in out.scores]
+    return [s == 1.0 for s in out.scores]
+
+
+def math_score(texts: list[str], examples) -> float:
+    """The share of answers whose final answer the ``math`` reward judges equal to the row's gold ``answer``."""
+    correct = math_correct(texts, examples)
     return sum(correct) / max(1, len(correct))
+
+
+def accuracy_by_task(correct: list[bool], examples) -> dict[str, float]:
+    """Accuracy per value of the rows' ``task`` column (rows without one count as "other"), sorted by task."""
+    by_task: dict[str, list[bool]] = {}
+    for ok, ex in zip(correct, examples):
+        by_task.setdefault(str(ex.columns.get("task") or "other"), []).append(ok)
+    return {task: sum(oks) / len(oks) for task, oks in sorted(by_task.items())}
 
 
 def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: SamplingConfig, n: int = 1):

@@ -95,6 +95,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -212,11 +213,13 @@ def _bounds_from_sample(
     sample: torch.Tensor, n: int, k: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``_sample_bounds`` from a strided sample of a tensor of ``n`` entries, already taken."""
-    sample = sample.sort(descending=True).values
     size, q = sample.numel(), k / n
     margin = 4 * math.sqrt(size * q * (1 - q)) + 16
     hi, lo = int(q * size - margin), math.ceil(q * size + margin)
-    return (sample[hi] if hi >= 0 else None), (sample[lo] if lo < size else None)
+    # The (hi+1)-th and (lo+1)-th largest of the sample: two selections, cheaper than sorting it.
+    upper = sample.kthvalue(size - hi).values if hi >= 0 else None
+    lower = sample.kthvalue(size - lo).values if lo < size else None
+    return upper, lower
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -257,28 +260,34 @@ def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n, device=values.device)
     upper, lower = _sample_bounds(values, k) if n > 65536 else (None, None)
     if lower is not None:
-        index = (values >= lower).nonzero().squeeze(1)
-        kept = _top_k_among(index, values.index_select(0, index), upper, k)
-        if kept is not None:
-            return index[kept]
-    return (values >= kth_largest(values, k)).nonzero().squeeze(1)
+        index = _flat_nonzero(values >= lower)
+        near = values.index_select(0, index)
+        threshold = _kth_among(near, upper, k)
+        if threshold is not None:
+            return index.index_select(0, _flat_nonzero(near >= threshold))
+    return _flat_nonzero(values >= kth_largest(values, k))
 
 
-def _top_k_among(
-    index: torch.Tensor, near: torch.Tensor, upper: torch.Tensor | None, k: int
-) -> torch.Tensor | None:
-    """Which of the candidates ``near`` (the values at ``index``: every entry >= a lower bound L) are >= the
-    k-th largest of the whole tensor, as a boolean mask over them; None when the bounds do not bracket it
-    (fewer than k candidates, or k or more above ``upper``), and the caller must look at the whole tensor.
-    """
-    if index.numel() < k:
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """The int64 indices of the True entries of a 1-D boolean tensor, in order: ``mask.nonzero().squeeze(1)``.
+    On CPU through numpy's ``flatnonzero`` (no copy either way), about 4x faster than torch's CPU nonzero,
+    which dominated OnTIES' step."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().squeeze(1)
+
+
+def _kth_among(near: torch.Tensor, upper: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """The k-th largest entry of a whole tensor, found among ``near``: its entries >= a lower bound L; None when
+    the bounds do not bracket it (fewer than k candidates, or k or more above ``upper``), and the caller must
+    look at the whole tensor."""
+    if near.numel() < k:
         return None
     above = 0 if upper is None else int(torch.count_nonzero(near > upper))
     if above >= k:
         return None
-    candidates = near if upper is None else near[near <= upper]
-    threshold = candidates.kthvalue(candidates.numel() - (k - above) + 1).values
-    return near >= threshold
+    candidates = near if upper is None else near.index_select(0, _flat_nonzero(near <= upper))
+    return candidates.kthvalue(candidates.numel() - (k - above) + 1).values
 
 
 def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Tensor:
@@ -620,6 +629,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         self._seed = torch.initial_seed() if seed is None else int(seed)
         self._tau_dtype = tau_dtype
         self._generators: dict[str, torch.Generator] = {}
+        self._scratch: dict[tuple[torch.dtype, str], tuple[torch.Tensor, ...]] = {}
         self._init_tau(reference, base)
         self._constructed = True
 
@@ -794,9 +804,11 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             dtype = torch.promote_types(kept.dtype, tau.dtype)
             kept, tau = kept.to(dtype), tau.to(dtype)
             positive = _elected_positive(kept, tau)
-            zero = torch.zeros((), dtype=dtype, device=kept.device)
-            kept = torch.where((kept >= 0) == positive, kept, zero).mul_(1 - alpha)
-            kept.sub_(torch.where((tau >= 0) == positive, zero, tau), alpha=alpha)
+            # In place on the gathered copies: Delta'' (the entries that agree with the elected sign), and the
+            # part of tau_tilde that disagrees, which the alpha * tau_tilde added everywhere must take back.
+            # Products with boolean masks: on CPU about 4x faster than torch.where or masked_fill_ here.
+            kept.mul_((kept >= 0) == positive).mul_(1 - alpha)
+            kept.sub_(tau.mul_((tau >= 0) != positive), alpha=alpha)
             param.add_(state["tau"], alpha=alpha)
         _add_at(param, index, kept.to(param.dtype))
 
@@ -809,9 +821,10 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         Delta computed on a strided sample of the moments (``_sample_stride``, advanced out of place); then
         for each block of ``_BLOCK`` entries the moments advance in place, Delta is formed in a block-sized
         buffer, and the entries with |Delta| >= L are kept as candidates with their Delta. The exact k-th
-        largest is then selected among the candidates (``_top_k_among``). Each block's arithmetic is
+        largest is then selected among the candidates (``_kth_among``). Each block's arithmetic is
         ``adamw_update``'s, op for op, so the moments, Delta and the kept set are the dense path's. Returns
-        (sorted flat indices, Delta at them) with the moments advanced; None, with the moments NOT advanced,
+        (sorted flat indices, Delta at them) with the moments advanced: the candidates, a few more than the
+        kept entries, those under the k-th largest with Delta 0; None, with the moments NOT advanced,
         when this path does not apply (a small or non-contiguous tensor, no lower bound); and when the
         sample misled, the moments are advanced and Delta is recomputed densely from them.
         """
@@ -830,9 +843,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         if lower is None:
             return None
         block = min(_BLOCK, n)
-        delta = torch.empty(block, dtype=param.dtype, device=param.device)
-        magnitude = torch.empty_like(delta)
-        is_candidate = torch.empty(block, dtype=torch.bool, device=param.device)
+        delta, magnitude, is_candidate = self._block_buffers(block, param.dtype, param.device)
         indices, values = [], []
         for start in range(0, n, block):
             end = min(start + block, n)
@@ -842,16 +853,36 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             d = _adamw_direction_into(m, v, delta[:size], step, **hyper)
             torch.ge(torch.abs(d, out=magnitude[:size]), lower, out=is_candidate[:size])
-            found = is_candidate[:size].nonzero().squeeze(1)
+            found = _flat_nonzero(is_candidate[:size])
             values.append(d.index_select(0, found))
             indices.append(found.add_(start))
         index, near = torch.cat(indices), torch.cat(values)
-        kept = _top_k_among(index, near.abs(), upper, k)
-        if kept is None:  # the sample misled: rank the dense Delta of the moments just advanced
+        magnitude = near.abs()
+        threshold = _kth_among(magnitude, upper, k)
+        if threshold is None:  # the sample misled: rank the dense Delta of the moments just advanced
             dense = adamw_direction(exp_avg, exp_avg_sq, step, **hyper)
             index = top_k_indices(dense.abs(), k)
             return index, dense.index_select(0, index)
-        return index[kept], near[kept]
+        # Candidates under the threshold stay in the index with Delta 0: a trimmed entry, which the merge moves
+        # by alpha * tau_tilde alone (as everywhere else), and which costs no gather here.
+        return index, near.mul_(magnitude >= threshold)
+
+    def _block_buffers(
+        self, size: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block-sized scratch buffers (Delta, its magnitude, the candidate mask), kept across tensors and
+        steps: a fresh MiB-sized buffer per tensor costs an allocation and its page faults every time."""
+        key = (dtype, str(device))
+        buffers = self._scratch.get(key)
+        if buffers is None or buffers[0].numel() < size:
+            block = max(size, _BLOCK)
+            buffers = (
+                torch.empty(block, dtype=dtype, device=device),
+                torch.empty(block, dtype=dtype, device=device),
+                torch.empty(block, dtype=torch.bool, device=device),
+            )
+            self._scratch[key] = buffers
+        return tuple(b[:size] for b in buffers)
 
     def _merged_update(
         self, delta: torch.Tensor, state: dict[str, Any], group: dict[str, Any]

@@ -5,8 +5,9 @@
 It reads files only, from each folder of the run (the start model's evaluation is the folder ``start``):
 ``stage.json`` / ``eval.stage.json`` (status and wall time), ``metrics.jsonl`` (training curves: loss,
 rewards/margins, the reward model's margin and held-out accuracy, online DPO's scores, pair fraction and KL),
-``eval.json`` (the evaluation after the stage) and ``summary.json`` (held-out numbers a stage measured itself,
-such as the reward model's pair accuracy). A metric a stage did not report is shown as missing, never as 0.
+``eval.json`` (the evaluation after the stage, with its math accuracy per task), ``eval.answers.jsonl`` (its
+greedy answers: which math answers the stage turned right or wrong) and ``summary.json`` (held-out numbers a
+stage measured itself, such as the reward model's pair accuracy). A metric a stage did not report is shown as missing, never as 0.
 Plots go to ``<run>/plots/`` (matplotlib, Agg backend: no display needed).
 """
 
@@ -87,6 +88,56 @@ def metric_table(run: Path, stages: list[str], file: str, prefix: str = "") -> T
         if k.startswith(prefix) and isinstance(v, int | float) and not isinstance(v, bool)
     )
     return {m: {s: _number(found[s].get(m)) for s in stages} for m in metrics}
+
+
+def task_table(run: Path, stages: list[str]) -> Table:
+    """task -> stage -> math accuracy, from each ``eval.json``'s ``math_by_task``."""
+    found = {s: (read_json(run / s / "eval.json") or {}).get("math_by_task") or {} for s in stages}
+    tasks = sorted(set().union(*found.values()))
+    return {t: {s: _number(found[s].get(t)) for s in stages} for t in tasks}
+
+
+def math_verdicts(run: Path, stage: str) -> dict[int, bool]:
+    """Row of the held-out math set -> was the stage's greedy answer right, from its answers file."""
+    result = read_json(run / stage / "eval.json") or {}
+    path = run / stage / str(result.get("answers") or "eval.answers.jsonl")
+    if not path.is_file():
+        return {}
+    verdicts = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a cut-short line: that answer is left out of the counts
+        if row.get("set") == "math" and isinstance(row.get("correct"), bool):
+            verdicts[int(row["row"])] = row["correct"]
+    return verdicts
+
+
+def flips_section(run: Path, stages: list[str]) -> list[str]:
+    """How many held-out math answers each stage turned right or wrong against the stage evaluated before it:
+    a change of accuracy of a few points is many answers moving both ways, or few moving one way."""
+    verdicts = {s: math_verdicts(run, s) for s in stages}
+    stages = [s for s in stages if verdicts[s]]
+    if len(stages) < 2:
+        return []
+    lines = [
+        "## Which math answers each stage changed",
+        "",
+        "Greedy answers to the held-out math prompts, against the stage evaluated before (`eval.answers.jsonl`).",
+        "",
+        "| from | to | prompts | wrong -> right | right -> wrong | right in both | net |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for before, after in zip(stages, stages[1:]):
+        rows = sorted(set(verdicts[before]) & set(verdicts[after]))
+        gained = sum(not verdicts[before][r] and verdicts[after][r] for r in rows)
+        lost = sum(verdicts[before][r] and not verdicts[after][r] for r in rows)
+        kept = sum(verdicts[before][r] and verdicts[after][r] for r in rows)
+        lines.append(
+            f"| {before} | {after} | {len(rows)} | {gained} | {lost} | {kept} | {gained - lost:+d} |"
+        )
+    return lines + [""]
 
 
 def _number(value: Any) -> float | None:
@@ -216,6 +267,12 @@ def write_report(run_dir: str | Path) -> Path:
         lines += markdown_table(table, evaluated) + ["", "![evaluation](plots/eval.png)", ""]
     else:
         lines += ["No stage has an eval.json.", ""]
+
+    tasks = task_table(run, evaluated)
+    if tasks:
+        lines += ["## Math accuracy by task", "", "`math_by_task` of each `eval.json`.", ""]
+        lines += markdown_table(tasks, evaluated) + [""]
+    lines += flips_section(run, evaluated)
 
     own = metric_table(run, stages, "summary.json", prefix="eval/")
     measured = [s for s in stages if any(v[s] is not None for v in own.values())]

@@ -8,7 +8,7 @@ Run (about a minute and a half on 2 CPU cores with the defaults):
 The 272 tensors of SmolLM2-135M (llama: vocab 49152, hidden 576, intermediate 1536, 30 layers, 9 heads and 3
 KV heads of dim 64, tied embeddings, RMSNorm weights; 134.5 M parameters) are built directly with random
 values: nothing is downloaded and no forward pass runs, so the time is the optimizer step alone. Gradients
-are random and fixed across steps.
+are random and drawn anew before each timed pair of steps (AdamW's, then the optimizer's), outside the timing.
 
 Each optimizer runs in a fresh subprocess so that its peak memory is its own. Memory is the resident set
 size (RSS) from /proc/self/status: "state" is the bytes of the optimizer's state tensors, "peak extra" the
@@ -123,6 +123,14 @@ def _build_optimizer(name: str, params: dict[str, torch.nn.Parameter], tau_dtype
     return optimizer, time.perf_counter() - start
 
 
+def _fresh_gradients(params: dict[str, torch.nn.Parameter]) -> None:
+    """New random gradients, as every training step has (not timed). With one fixed gradient Adam's update is
+    lr * g / (|g| + eps) at every step, the same magnitude for every entry to 1e-5: no real run ranks such
+    updates, and OnTIES' top-k then keeps whole bands of exact ties."""
+    for p in params.values():
+        p.grad.uniform_(-1e-3, 1e-3)
+
+
 def _timed_step(optimizer: torch.optim.Optimizer) -> float:
     start = time.perf_counter()
     optimizer.step()
@@ -163,6 +171,7 @@ def run_worker(name: str, steps: int, dtype: torch.dtype, tau_dtype: torch.dtype
     adamw.step()  # warm-up
     adamw_times, times = [], []
     for _ in range(steps):
+        _fresh_gradients(params)
         adamw_times.append(_timed_step(adamw))
         if adamw is not optimizer:
             times.append(_timed_step(optimizer))

@@ -407,6 +407,16 @@ def test_cli_end_to_end_then_the_start_answers_come_from_the_cache(
     assert 5.0 < result["eval/general_text_nll"] < 20.0  # a random 151,646-token model: about ln(V) = 11.9
     assert all(result[t] > 0 for t in TIMES)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2  # the start model's answers and their scores
+    # Every greedy answer beside the JSON, math ones with their verdict; the accuracy per task agrees with them.
+    rows = [json.loads(line) for line in open(f"{policy}/eval.answers.jsonl")]
+    assert result["answers"] == "eval.answers.jsonl"
+    assert [(r["set"], r["row"]) for r in rows] == [("math", i) for i in range(3)] + [
+        ("ifeval", i) for i in range(3)
+    ] + [("code", i) for i in range(2)]
+    math_rows = [r for r in rows if r["set"] == "math"]
+    assert sum(r["correct"] for r in math_rows) / 3 == result["eval/math_accuracy"]
+    by_task = {t: [r["correct"] for r in math_rows if r["task"] == t] for t in {r["task"] for r in math_rows}}
+    assert result["math_by_task"] == {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
 
     # Again, in process, with a sandbox that refuses to run and other metrics off: the start model's answers
     # come from the file (the same win rate), and code_pass@1 is missing with the sandbox's reason, not 0.

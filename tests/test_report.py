@@ -147,3 +147,23 @@ def test_the_command_line_writes_the_report(tmp_path):
 def test_a_run_folder_that_does_not_exist_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         write_report(tmp_path / "nope")
+
+
+def test_the_report_counts_the_math_answers_each_stage_turned_right_or_wrong(tmp_path):
+    """Four held-out rows. start: right on row 0. sft: rows 0, 1, 2 (gains 1 and 2). dpo: rows 1, 3 (loses 0 and
+    2, gains 3). The by-task table comes from math_by_task; a stage without an answers file is left out."""
+    run = make_run(tmp_path)
+    verdicts = {"start": [1, 0, 0, 0], "sft": [1, 1, 1, 0], "dpo": [0, 1, 0, 1]}
+    for stage, correct in verdicts.items():
+        rows = [{"set": "math", "row": i, "answer": "a", "correct": bool(c)} for i, c in enumerate(correct)]
+        rows.append({"set": "ifeval", "row": 0, "answer": "b"})  # no verdict: not counted
+        write_jsonl(run / stage / "eval.answers.jsonl", rows)
+        result = json.loads((run / stage / "eval.json").read_text())
+        result["math_by_task"] = {"ages": sum(correct[:2]) / 2, "travel": sum(correct[2:]) / 2}
+        (run / stage / "eval.json").write_text(json.dumps(result))
+    text = write_report(run).read_text()
+    assert "| start | sft | 4 | 2 | 0 | 1 | +2 |" in text
+    assert "| sft | dpo | 4 | 1 | 2 | 1 | -1 |" in text
+    assert "online_dpo |" not in text.split("## Which math answers")[1].split("##")[0]
+    assert table_row(text, "ages") == ["0.5", "1", "0.5", "missing"]
+    assert table_row(text, "travel") == ["0", "0.5", "0.5", "missing"]
