@@ -65,8 +65,10 @@ own handles to free them.
 Speed: with ``merge_every=1`` and ``rescale=False`` (the defaults) and p < 1, a step works on the kept entries
 only. OnDARE draws the kept indices directly (``bernoulli_indices``: geometric gaps, p * numel uniforms),
 forms Delta from the gathered moments at those indices and adds it with ``index_add_``, then alpha * tau_tilde
-everywhere; OnTIES forms the dense Delta (it must rank it), finds the kept indices with an exact sampled
-top-k (``top_k_indices``) and merges at those indices. Both equal the formulas above up to the rounding order
+everywhere; OnTIES never forms the dense Delta either: bounds on the k-th largest |Delta| come from Delta on a
+strided sample of the moments, then one pass of cache-sized blocks advances the moments, forms each block's
+Delta and keeps the entries above the lower bound; the exact k-th largest is selected among those, and the
+merge runs at their indices (those under it with Delta 0). Both equal the formulas above up to the rounding order
 of the sums (tests compare them with the dense functions). The other settings take the dense path: transient
 buffers of the tensor's size for the update, the mask, the masked and merged updates (and OnTIES'
 magnitudes). ``bench/bench_merging.py`` measures both against AdamW.
