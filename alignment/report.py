@@ -225,8 +225,8 @@ def fmt_seconds(record: dict[str, Any] | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def markdown_table(table: Table, stages: list[str]) -> list[str]:
-    lines = ["| metric | " + " | ".join(stages) + " |", "| --- |" + " ---: |" * len(stages)]
+def markdown_table(table: Table, stages: list[str], first: str = "metric") -> list[str]:
+    lines = [f"| {first} | " + " | ".join(stages) + " |", "| --- |" + " ---: |" * len(stages)]
     lines += [f"| {m} | " + " | ".join(fmt(values[s]) for s in stages) + " |" for m, values in table.items()]
     return lines
 
@@ -271,7 +271,7 @@ def write_report(run_dir: str | Path) -> Path:
     tasks = task_table(run, evaluated)
     if tasks:
         lines += ["## Math accuracy by task", "", "`math_by_task` of each `eval.json`.", ""]
-        lines += markdown_table(tasks, evaluated) + [""]
+        lines += markdown_table(tasks, evaluated, first="task") + [""]
     lines += flips_section(run, evaluated)
 
     own = metric_table(run, stages, "summary.json", prefix="eval/")

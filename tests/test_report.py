@@ -165,5 +165,6 @@ def test_the_report_counts_the_math_answers_each_stage_turned_right_or_wrong(tmp
     assert "| start | sft | 4 | 2 | 0 | 1 | +2 |" in text
     assert "| sft | dpo | 4 | 1 | 2 | 1 | -1 |" in text
     assert "online_dpo |" not in text.split("## Which math answers")[1].split("##")[0]
+    assert table_row(text, "task") == ["start", "sft", "dpo", "online_dpo"]
     assert table_row(text, "ages") == ["0.5", "1", "0.5", "missing"]
     assert table_row(text, "travel") == ["0", "0.5", "0.5", "missing"]
