@@ -363,8 +363,7 @@ def adamw_update(
     parameter is split into this update and an add: with p = 1 and no merge the optimizer matches AdamW to
     rounding (about 1e-16 relative in float64).
     """
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    advance_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
     return adamw_direction(exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
 
 
@@ -377,34 +376,27 @@ def adamw_direction(
     beta1: float,
     beta2: float,
     eps: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AdamW's update Delta from moments already advanced (``adamw_update``'s second half): a new tensor.
+    """AdamW's update Delta from moments already advanced (``adamw_update``'s second half), written into
+    ``out`` (the moments' shape) or a new tensor.
 
-    OnDARE's sparse step calls it on the moments gathered at the kept indices.
+    OnDARE's sparse step calls it on the moments gathered at the kept indices, OnTIES' blocked step per block.
     """
-    return _adamw_direction_into(
-        exp_avg, exp_avg_sq, torch.empty_like(exp_avg), step, lr=lr, beta1=beta1, beta2=beta2, eps=eps
-    )
-
-
-def _adamw_direction_into(
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    out: torch.Tensor,
-    step: int,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-) -> torch.Tensor:
-    """``adamw_direction`` written into ``out`` (same shape as the moments), op for op the same arithmetic."""
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     step_size = lr / bias_correction1
     denom = torch.sqrt(exp_avg_sq, out=out).div_(bias_correction2_sqrt).add_(eps)
     # Written into denom (an elementwise op may alias its input) to save one parameter-sized buffer.
     return torch.div(exp_avg, denom, out=denom).mul_(-step_size)
+
+
+def advance_moments(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float
+) -> None:
+    """AdamW's moment updates, in place: m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
 def _add_at(param: torch.Tensor, index: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
@@ -757,9 +749,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         step = int(state["step"].item())
         beta1, beta2 = group["betas"]
         keep_p, lr = group["reserve_p"], group["lr"]
-        grad = param.grad
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        advance_moments(param.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2)
         if group["weight_decay"] != 0:
             param.mul_(1 - lr * group["weight_decay"])
         index = bernoulli_indices(param.numel(), keep_p, self._generator(param.device), param.device)
@@ -838,9 +828,11 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         beta1, beta2 = hyper["beta1"], hyper["beta2"]
         grad, exp_avg, exp_avg_sq = (t.view(-1) for t in tensors)
         stride = _sample_stride(n)
-        sample_grad = grad[::stride]
-        sample_avg = exp_avg[::stride].lerp(sample_grad, 1 - beta1)
-        sample_sq = exp_avg_sq[::stride].mul(beta2).addcmul_(sample_grad, sample_grad, value=1 - beta2)
+        sample_avg, sample_sq = (
+            exp_avg[::stride].clone(),
+            exp_avg_sq[::stride].clone(),
+        )  # advanced out of place
+        advance_moments(grad[::stride], sample_avg, sample_sq, beta1, beta2)
         upper, lower = _bounds_from_sample(adamw_direction(sample_avg, sample_sq, step, **hyper).abs_(), n, k)
         if lower is None:
             return None
@@ -851,9 +843,8 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             end = min(start + block, n)
             size = end - start
             g, m, v = grad[start:end], exp_avg[start:end], exp_avg_sq[start:end]
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            d = _adamw_direction_into(m, v, delta[:size], step, **hyper)
+            advance_moments(g, m, v, beta1, beta2)
+            d = adamw_direction(m, v, step, **hyper, out=delta[:size])
             torch.ge(torch.abs(d, out=magnitude[:size]), lower, out=is_candidate[:size])
             found = _flat_nonzero(is_candidate[:size])
             values.append(d.index_select(0, found))
