@@ -419,7 +419,13 @@ def main(argv: list[str] | None = None) -> None:
         # 1-2. This process's prompts, N answers each.
         idxs = plan.micro_batches(step, rank, world, 1)[0]
         t0 = time.perf_counter()
-        answers = generator.generate([prompt_ids[i] for i in idxs], cfg.num_samples, cfg.sampling)
+        batch = [prompt_ids[i] for i in idxs]
+        if cfg.pairs.strategy == "greedy_anchor":  # answer 0 of each prompt: the policy's greedy answer
+            greedy = generator.generate(batch, 1, replace(cfg.sampling, temperature=0.0))
+            sampled = generator.generate(batch, cfg.num_samples - 1, cfg.sampling)
+            answers = [g + s for g, s in zip(greedy, sampled)]
+        else:
+            answers = generator.generate(batch, cfg.num_samples, cfg.sampling)
         t_gen = time.perf_counter() - t0
         flat = [(i, a) for i, group in zip(idxs, answers) for a in group]
         new_tokens = sum(len(a.token_ids) for _, a in flat)

@@ -8,6 +8,14 @@ Per prompt, with scores s_j from the composed reward (None: the reward could not
 
     best_worst   chosen = argmax_j adjusted_j,  rejected = argmin_j adjusted_j     (Qwen2's online DPO)
     best_random  chosen = argmax_j adjusted_j,  rejected = a random other answer
+    greedy_anchor  answer 0 is the policy's greedy answer g, the others sampled; with b = argmax and
+                 w = argmin over the sampled answers:  (b, g) when adjusted_b > adjusted_g, else (g, w)
+
+greedy_anchor puts the policy's mode in every pair: a sampled answer that beats the greedy one is preferred
+to it (the step moves the mode itself), and a greedy answer that beats every sample is preferred to the worst.
+It is the greedy baseline of ReMax (Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement
+Learning Method for Aligning Large Language Models") turned into a pair: the online stage's target is greedy
+accuracy, and best-vs-worst pairs often leave the greedy answer out of the pair.
 
 among the answers that were scored, where the rejected answer's text must differ from the chosen one's
 (byte-identical answers never form a pair). The pair is dropped, with its reason counted, when fewer than two
@@ -27,7 +35,7 @@ DROP_REASONS = ("unscored", "identical", "tie", "small_margin")
 
 @dataclass
 class PairSelectionConfig:
-    strategy: Literal["best_worst", "best_random"] = "best_worst"
+    strategy: Literal["best_worst", "best_random", "greedy_anchor"] = "best_worst"
     # Drop a prompt whose chosen and rejected adjusted scores differ by less than this (ties always dropped).
     min_margin: float = 0.0
     # Subtract coef x answer tokens from each score (0: off).
@@ -71,11 +79,14 @@ def select_pair(
     cfg: PairSelectionConfig,
     rng: random.Random,
 ) -> Selection:
-    """One prompt's N answers -> Selection. ``rng`` is used by best_random only."""
+    """One prompt's N answers -> Selection. ``rng`` is used by best_random only; greedy_anchor reads answer 0
+    as the greedy one."""
     adj = adjusted_scores(scores, lengths, finished, cfg)
     scored = [j for j, a in enumerate(adj) if a is not None]
     if len(scored) < 2:
         return Selection(None, None, "unscored")
+    if cfg.strategy == "greedy_anchor":
+        return _greedy_anchor(adj, texts, scored, cfg)
     best = max(scored, key=lambda j: (adj[j], -j))  # the earliest of equal bests
     others = [j for j in scored if texts[j] != texts[best]]
     if not others:
@@ -90,3 +101,20 @@ def select_pair(
     if margin < cfg.min_margin:
         return Selection(None, None, "small_margin", margin)
     return Selection(best, worst, None, margin)
+
+
+def _greedy_anchor(adj, texts, scored, cfg: PairSelectionConfig) -> Selection:
+    if adj[0] is None:
+        return Selection(None, None, "unscored")
+    others = [j for j in scored if j and texts[j] != texts[0]]
+    if not others:
+        return Selection(None, None, "identical")
+    best = max(others, key=lambda j: (adj[j], -j))
+    worst = min(others, key=lambda j: (adj[j], j))
+    chosen, rejected = (best, 0) if adj[best] > adj[0] else (0, worst)
+    margin = adj[chosen] - adj[rejected]
+    if margin <= 0:
+        return Selection(None, None, "tie", margin)
+    if margin < cfg.min_margin:
+        return Selection(None, None, "small_margin", margin)
+    return Selection(chosen, rejected, None, margin)

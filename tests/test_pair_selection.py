@@ -78,3 +78,31 @@ def test_best_random_takes_a_distinct_other_answer_seeded():
 def test_negative_settings_are_refused():
     with pytest.raises(ValueError, match="min_margin"):
         PairSelectionConfig(min_margin=-1)
+
+
+def test_greedy_anchor_puts_the_greedy_answer_in_every_pair():
+    # Answer 0 is the greedy one. A sample beats it: (best sample, greedy), the margin between those two.
+    sel = pick([0.2, 0.9, -0.5, 0.1], strategy="greedy_anchor")
+    assert (sel.chosen, sel.rejected, sel.reason) == (1, 0, None)
+    assert sel.margin == pytest.approx(0.7)
+    # The greedy answer beats every sample: (greedy, worst sample).
+    sel = pick([1.0, 0.9, -0.5, 0.1], strategy="greedy_anchor")
+    assert (sel.chosen, sel.rejected) == (0, 2)
+    assert sel.margin == pytest.approx(1.5)
+    # best_worst on the first table leaves the greedy answer out.
+    assert (pick([0.2, 0.9, -0.5, 0.1]).chosen, pick([0.2, 0.9, -0.5, 0.1]).rejected) == (1, 2)
+
+
+def test_greedy_anchor_ties_margins_none_and_identical_answers():
+    # The best sample only ties the greedy answer, which beats nothing else either: a tie, never a pair.
+    assert pick([0.5, 0.5, 0.5, 0.5], strategy="greedy_anchor").reason == "tie"
+    # Greedy equals the best sample and beats the worst: (greedy, worst).
+    sel = pick([0.5, 0.5, 0.1, 0.3], strategy="greedy_anchor")
+    assert (sel.chosen, sel.rejected) == (0, 2)
+    assert pick([0.5, 0.6, 0.4, 0.45], strategy="greedy_anchor", min_margin=0.2).reason == "small_margin"
+    # The greedy answer unscored: no anchor, no pair (even though the samples could form one).
+    assert pick([None, 0.9, 0.1, 0.5], strategy="greedy_anchor").reason == "unscored"
+    # Samples identical to the greedy text are not its partner; none distinct: identical.
+    sel = pick([0.2, 0.9, 0.1, 0.5], texts=["g", "g", "y", "z"], strategy="greedy_anchor")
+    assert (sel.chosen, sel.rejected) == (3, 0)
+    assert pick([0.2, 0.9, 0.1, 0.5], texts=["g"] * 4, strategy="greedy_anchor").reason == "identical"
