@@ -130,6 +130,28 @@ def test_toy_task_raises_the_held_out_reward_and_logs_every_metric(tmp_path):
     assert [s["step"] for s in samples] == list(range(1, 9)) and all(len(s["rows"]) == 4 for s in samples)
 
 
+def test_greedy_anchor_samples_the_greedy_answer_first_and_puts_it_in_every_pair(tmp_path, tiny_qwen2):
+    from alignment.config import DataConfig, DataSource
+    from alignment.data import DataReport, encode_prompt, load_examples, normalize_prompt_row
+    from alignment.generation import GenerationConfig, SamplingConfig, make_generator
+    from alignment.models import load_tokenizer
+
+    out = run(tmp_path, "anchor", "pairs.strategy=greedy_anchor", "training.max_steps=1", "generation.backend=transformers",
+              "eval.at_start=false", "eval.at_end=false", "sync_check_steps=0")  # fmt: skip
+    rows = json.loads((out / "samples.jsonl").read_text().splitlines()[0])["rows"]
+    # The run's prompt order, and the start model's greedy answers to them from a fresh engine.
+    data = DataConfig(sources=[DataSource(path=str(tmp_path / "prompts.jsonl"))], seed=0)
+    prompts = load_examples(data, normalize_prompt_row, DataReport())
+    tok = load_tokenizer(tiny_qwen2)
+    gen = make_generator(GenerationConfig(backend="transformers"), tiny_qwen2, tok)
+    ids = [encode_prompt(tok, prompts[r["prompt"]].prompt) for r in rows]
+    greedy = gen.generate(ids, 1, SamplingConfig(temperature=0.0, max_new_tokens=16))
+    assert [r["answers"][0] for r in rows] == [g[0].text for g in greedy]
+    assert all(len(r["answers"]) == 4 for r in rows)  # num_samples in all: the greedy answer and 3 samples
+    kept = [r for r in rows if r["dropped"] is None]
+    assert kept and all(0 in (r["chosen"], r["rejected"]) for r in kept)
+
+
 @pytest.mark.vllm
 def test_a_failing_reward_is_counted_and_the_step_skipped_not_raised(tmp_path):
     out = run(tmp_path, "fails", "rewards=[{name: 'tests.toy_rewards:Raises'}]", "training.max_steps=2",
