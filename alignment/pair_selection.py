@@ -86,7 +86,7 @@ def select_pair(
     if len(scored) < 2:
         return Selection(None, None, "unscored")
     if cfg.strategy == "greedy_anchor":
-        return _greedy_anchor(adj, texts, scored, cfg)
+        return _greedy_anchor(adj, texts, scored, cfg.min_margin)
     best = max(scored, key=lambda j: (adj[j], -j))  # the earliest of equal bests
     others = [j for j in scored if texts[j] != texts[best]]
     if not others:
@@ -95,15 +95,20 @@ def select_pair(
         worst = min(others, key=lambda j: (adj[j], j))
     else:
         worst = rng.choice(others)
-    margin = adj[best] - adj[worst]
+    return _pair(best, worst, adj, cfg.min_margin)
+
+
+def _pair(chosen: int, rejected: int, adj, min_margin: float) -> Selection:
+    """The pair, or a tie / small_margin drop when chosen does not clear rejected by min_margin."""
+    margin = adj[chosen] - adj[rejected]
     if margin <= 0:
         return Selection(None, None, "tie", margin)
-    if margin < cfg.min_margin:
+    if margin < min_margin:
         return Selection(None, None, "small_margin", margin)
-    return Selection(best, worst, None, margin)
+    return Selection(chosen, rejected, None, margin)
 
 
-def _greedy_anchor(adj, texts, scored, cfg: PairSelectionConfig) -> Selection:
+def _greedy_anchor(adj, texts, scored, min_margin: float) -> Selection:
     if adj[0] is None:
         return Selection(None, None, "unscored")
     others = [j for j in scored if j and texts[j] != texts[0]]
@@ -111,10 +116,4 @@ def _greedy_anchor(adj, texts, scored, cfg: PairSelectionConfig) -> Selection:
         return Selection(None, None, "identical")
     best = max(others, key=lambda j: (adj[j], -j))
     worst = min(others, key=lambda j: (adj[j], j))
-    chosen, rejected = (best, 0) if adj[best] > adj[0] else (0, worst)
-    margin = adj[chosen] - adj[rejected]
-    if margin <= 0:
-        return Selection(None, None, "tie", margin)
-    if margin < cfg.min_margin:
-        return Selection(None, None, "small_margin", margin)
-    return Selection(chosen, rejected, None, margin)
+    return _pair(best, 0, adj, min_margin) if adj[best] > adj[0] else _pair(0, worst, adj, min_margin)
