@@ -260,3 +260,72 @@ def test_reward_model_held_out_pairs_are_disjoint_from_its_training_pairs(monkey
     assert len(seen["eval"]) == 30  # eval_fraction 0.1 of the 300 shipped pairs
     assert len(seen["train"]) == 270
     assert not seen["train"] & seen["eval"]
+
+
+# data/dev/math_reworded.jsonl: the eight multi-step skills in wordings of its own, solved here independently.
+def _frac_sum(m: re.Match) -> str:
+    from fractions import Fraction
+
+    return str(Fraction(int(m["a"]), int(m["b"])) + Fraction(int(m["c"]), int(m["d"])))
+
+
+REWORDED = [
+    (r"On Saturday (?P<n>\w+) walked for (?P<t1>\d+) hours at a steady (?P<v1>\d+) km per hour\. On Sunday \w+ kept "
+     r"up (?P<v2>\d+) km per hour for (?P<t2>\d+) hours\. Over the weekend, how many kilometres did \w+ cover\?",
+     lambda m: str(int(m["v1"]) * int(m["t1"]) + int(m["v2"]) * int(m["t2"]))),
+    (r"At the market a loaf of bread is (?P<p>\d+) euros and a jar of honey is (?P<q>\d+) euros\. \w+ takes "
+     r"(?P<a>\d+) loaves and (?P<b>\d+) jars and hands over (?P<bill>\d+) euros\. How many euros come back\?",
+     lambda m: str(int(m["bill"]) - int(m["a"]) * int(m["p"]) - int(m["b"]) * int(m["q"]))),
+    (r"A farmer fences all four sides of a pen that is (?P<l>\d+) metres long and (?P<w>\d+) metres wide\. How many "
+     r"metres of fence are used\?", lambda m: str(2 * int(m["l"]) + 2 * int(m["w"]))),
+    (r"Tiles of one square metre each cover a hall floor measuring (?P<l>\d+) metres by (?P<w>\d+) metres\. How many "
+     r"tiles are there\?", lambda m: str(int(m["l"]) * int(m["w"]))),
+    (r"A shop marks its (?P<p>\d+)-dollar \w+ down by (?P<r>\d+)%\. What is the sale price in dollars\?",
+     lambda m: str(int(m["p"]) * (100 - int(m["r"])) // 100)),
+    (r"\w+ has (?P<t>\d+) (?P<w>\w+) to get through and has \w+ (?P<n>\d+)/(?P<d>\d+) of them so far\. How many \w+ "
+     r"are left\?", lambda m: str(int(m["t"]) - int(m["t"]) // int(m["d"]) * int(m["n"]))),
+    (r"I think of a number, multiply it by (?P<a>\d+) and add (?P<b>\d+)\. The result is (?P<c>-?\d+)\. What was "
+     r"my number\?", lambda m: str((int(m["c"]) - int(m["b"])) // int(m["a"]))),
+    (r"I think of a number, multiply it by (?P<a>\d+) and subtract (?P<b>\d+)\. The result is (?P<c>-?\d+)\. What "
+     r"was my number\?", lambda m: str((int(m["c"]) + int(m["b"])) // int(m["a"]))),
+    (r"\w+ is (?P<g>\d+) years older than \w+, who is (?P<a>\d+) today\. How old will \w+ be in (?P<l>\d+) years\?",
+     lambda m: str(int(m["g"]) + int(m["a"]) + int(m["l"]))),
+    (r"\w+ used (?P<a>\d+)/(?P<b>\d+) of an? [\w ]+ and \w+ used (?P<c>\d+)/(?P<d>\d+) of it\. What fraction of the "
+     r"[\w ]+ did they use together, in lowest terms\?", _frac_sum),
+]  # fmt: skip
+
+
+def test_reworded_dev_split_is_solvable_apart_and_in_wordings_of_its_own():
+    """data/dev/math_reworded.jsonl (make_dev_reworded): every gold right by this file's own solver, all eight
+    skills, no prompt of training, dev or held-out files, and no training template."""
+    data = rows(DATA / "dev" / "math_reworded.jsonl")
+    prompts = [user_text(r["prompt"]) for r in data]
+    assert len(data) == 200 and len(set(prompts)) == 200
+    assert {r["task"] for r in data} == {"trip", "shopping", "rectangle", "discount", "part_of_whole", "linear",
+                                         "age_gap", "fraction_add"}  # fmt: skip
+    others = set().union(*training_prompts().values())
+    for name in ("dev/math.jsonl", "eval/math.jsonl"):
+        others |= {user_text(r["prompt"]) for r in rows(DATA / name)}
+    assert not set(prompts) & others
+    for row, prompt in zip(data, prompts):
+        assert not any(re.fullmatch(pattern, prompt) for pattern, _ in SOLVERS), prompt
+        solved = [solve_(m) for pattern, solve_ in REWORDED if (m := re.fullmatch(pattern, prompt))]
+        assert solved == [row["answer"]], row
+
+
+def test_reworded_dev_split_is_what_its_generator_writes(tmp_path):
+    from data_synthesis.make_dev_reworded import main
+
+    for name in (
+        "sft/train.jsonl",
+        "preference/train.jsonl",
+        "prompts/train.jsonl",
+        "dev/math.jsonl",
+        "eval/math.jsonl",
+    ):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_text((DATA / name).read_text())
+    main(["--root", str(tmp_path)])
+    assert (tmp_path / "data/dev/math_reworded.jsonl").read_text() == (
+        DATA / "dev/math_reworded.jsonl"
+    ).read_text()
