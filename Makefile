@@ -7,7 +7,7 @@ ACCELERATE := $(BIN)/accelerate launch
 # Extra `key=value` recipe overrides, e.g. `make sft ARGS="training.max_steps=2"`.
 ARGS ?=
 
-.PHONY: help install install-gpu corpus data-shipped data sft dpo reward online-dpo eval upcycle chain chain-adamw chain-smoke test test-fast test-slow lint format bench lock clean
+.PHONY: help install install-gpu corpus data-shipped data sft dpo reward online-dpo eval upcycle chain chain-adamw chain-rs chain-smoke test test-fast test-slow lint format bench lock clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -86,6 +86,9 @@ chain:  ## the whole chain: data, SFT, reward model, DPO, online DPO, evaluation
 
 chain-adamw:  ## the chain plus online DPO with AdamW (reuses what outputs/chain has) -> outputs/chain/online_dpo_adamw
 	$(PY) -m alignment.chain recipes/chain_adamw.yaml $(ARGS)
+
+chain-rs:  ## the chain on rejection-sampled pairs beside the shipped ones (reuses outputs/chain) -> outputs/chain/{rejection_sampling,dpo_rs,online_dpo_rs}
+	$(PY) -m alignment.chain recipes/chain_rs.yaml $(ARGS)
 
 chain-smoke:  ## the chain on tiny-qwen2, two steps a stage, no evaluation (about a minute) -> outputs/chain-smoke
 	$(PY) -m alignment.chain recipes/chain_smoke.yaml $(ARGS)

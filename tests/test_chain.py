@@ -374,8 +374,39 @@ def test_the_adamw_chain_adds_online_dpo_with_adamw_in_its_own_folder(monkeypatc
     assert ours == theirs
 
 
+def test_the_rs_chain_trains_dpo_on_rejection_sampled_pairs_of_the_sft_model(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base, rs = steps_of("recipes/chain.yaml"), steps_of("recipes/chain_rs.yaml")
+    assert set(rs) - set(base) == {
+        "rejection_sampling", "dpo_rs", "online_dpo_rs", "dpo_rs.eval", "online_dpo_rs.eval",
+    }  # fmt: skip
+    for name in base:  # the shipped-data stages are the same, so their records match and they are skipped
+        assert rs[name].resolved_config() == base[name].resolved_config()
+    sampling = rs["rejection_sampling"].command()
+    assert sampling[sampling.index("-m") + 1 :][:2] == [
+        "data_synthesis",
+        "recipes/data/rejection_sampling.yaml",
+    ]
+    assert {"backend.model=outputs/chain/sft", "out_dir=outputs/chain/rejection_sampling"} <= set(sampling)
+    assert "input=outputs/chain/data/preference/train.jsonl" in sampling
+    dpo, online = rs["dpo_rs"].resolved_config(), rs["online_dpo_rs"].resolved_config()
+    assert dpo["data"]["sources"] == [{"path": "outputs/chain/rejection_sampling/preference.jsonl"}]
+    assert dpo["model"]["name_or_path"] == "outputs/chain/sft"
+    assert dpo["training"]["output_dir"] == "outputs/chain/dpo_rs"
+    dpo["data"], dpo["training"]["output_dir"] = base["dpo"].resolved_config()["data"], "outputs/chain/dpo"
+    assert dpo == base["dpo"].resolved_config()  # the DPO recipe itself is the shipped chain's
+    assert online["model"]["name_or_path"] == "outputs/chain/dpo_rs"
+    assert online["training"]["output_dir"] == "outputs/chain/online_dpo_rs"
+    online["model"]["name_or_path"], online["training"]["output_dir"] = (
+        "outputs/chain/dpo",
+        "outputs/chain/online_dpo",
+    )
+    assert online == base["online_dpo"].resolved_config()
+
+
 @pytest.mark.parametrize(
-    "recipe", ["recipes/chain.yaml", "recipes/chain_adamw.yaml", "recipes/chain_smoke.yaml"]
+    "recipe",
+    ["recipes/chain.yaml", "recipes/chain_adamw.yaml", "recipes/chain_rs.yaml", "recipes/chain_smoke.yaml"],
 )
 def test_every_stage_of_the_shipped_chains_passes_its_schema(recipe, monkeypatch):
     monkeypatch.chdir(REPO)
