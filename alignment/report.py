@@ -114,9 +114,24 @@ def math_verdicts(run: Path, stage: str) -> dict[int, bool]:
     return verdicts
 
 
+def source_stage(run: Path, stage: str, earlier: list[str]) -> str:
+    """The stage whose model ``stage`` started from: its ``config.yaml``'s ``model.name_or_path`` when that is
+    an earlier stage's folder of this run (dpo_rs -> sft, online_dpo_adamw -> dpo), else the stage evaluated
+    just before it (sft -> start, whose model is the start model, not a folder of the run)."""
+    config = read_yaml(run / stage / "config.yaml")
+    source = (config or {}).get("model", {}).get("name_or_path") if isinstance(config, dict) else None
+    if isinstance(source, str):
+        path = Path(source)
+        for name in reversed(earlier):
+            if path == run / name or path.resolve() == (run / name).resolve():
+                return name
+    return earlier[-1]
+
+
 def flips_section(run: Path, stages: list[str]) -> list[str]:
-    """How many held-out math answers each stage turned right or wrong against the stage evaluated before it:
-    a change of accuracy of a few points is many answers moving both ways, or few moving one way."""
+    """How many held-out math answers each stage turned right or wrong against the stage whose model it
+    started from (``source_stage``): a change of accuracy of a few points is many answers moving both ways, or
+    few moving one way."""
     verdicts = {s: math_verdicts(run, s) for s in stages}
     stages = [s for s in stages if verdicts[s]]
     if len(stages) < 2:
@@ -124,12 +139,14 @@ def flips_section(run: Path, stages: list[str]) -> list[str]:
     lines = [
         "## Which math answers each stage changed",
         "",
-        "Greedy answers to the held-out math prompts, against the stage evaluated before (`eval.answers.jsonl`).",
+        "Greedy answers to the held-out math prompts, against the model the stage started from "
+        "(`eval.answers.jsonl`).",
         "",
         "| from | to | prompts | wrong -> right | right -> wrong | right in both | net |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for before, after in zip(stages, stages[1:]):
+    for i, after in enumerate(stages[1:], start=1):
+        before = source_stage(run, after, stages[:i])
         rows = sorted(set(verdicts[before]) & set(verdicts[after]))
         gained = sum(not verdicts[before][r] and verdicts[after][r] for r in rows)
         lost = sum(verdicts[before][r] and not verdicts[after][r] for r in rows)

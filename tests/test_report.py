@@ -168,3 +168,18 @@ def test_the_report_counts_the_math_answers_each_stage_turned_right_or_wrong(tmp
     assert table_row(text, "task") == ["start", "sft", "dpo", "online_dpo"]
     assert table_row(text, "ages") == ["0.5", "1", "0.5", "missing"]
     assert table_row(text, "travel") == ["0", "0.5", "0.5", "missing"]
+
+
+def test_each_stage_is_counted_against_the_model_it_started_from(tmp_path):
+    """online_dpo started from sft (its config.yaml says so), not from dpo, the stage evaluated before it: its
+    row compares it with sft. dpo names no folder of the run (a hub name): the stage before it, sft."""
+    run = make_run(tmp_path)
+    verdicts = {"start": [0, 0, 0, 0], "sft": [1, 1, 0, 0], "dpo": [0, 0, 0, 0], "online_dpo": [1, 1, 1, 0]}
+    for stage, correct in verdicts.items():
+        rows = [{"set": "math", "row": i, "answer": "a", "correct": bool(c)} for i, c in enumerate(correct)]
+        write_jsonl(run / stage / "eval.answers.jsonl", rows)
+    (run / "online_dpo" / "config.yaml").write_text(f"model:\n  name_or_path: {run / 'sft'}\n")
+    (run / "dpo" / "config.yaml").write_text("model:\n  name_or_path: some-org/some-model\n")
+    text = write_report(run).read_text()
+    assert "| sft | online_dpo | 4 | 1 | 0 | 2 | +1 |" in text
+    assert "| sft | dpo | 4 | 0 | 2 | 0 | -2 |" in text
