@@ -135,6 +135,16 @@ TASKS: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
+# The files (under data/) whose prompts this split never repeats.
+KEPT_APART = (
+    "sft/train.jsonl",
+    "preference/train.jsonl",
+    "prompts/train.jsonl",
+    "dev/math.jsonl",
+    "eval/math.jsonl",
+)
+
+
 def rows(per_task: int, seed: int, exclude: set[str]) -> list[dict]:
     """``per_task`` problems of each skill, none of them in ``exclude`` nor repeated."""
     rng = random.Random(seed)
@@ -183,13 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = Path(args.root)
     exclude = set()
-    for name in (
-        "sft/train.jsonl",
-        "preference/train.jsonl",
-        "prompts/train.jsonl",
-        "dev/math.jsonl",
-        "eval/math.jsonl",
-    ):
+    for name in KEPT_APART:
         exclude |= _prompts(root / "data" / name)
     out = root / "data/dev/math_reworded.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -314,15 +314,9 @@ def test_reworded_dev_split_is_solvable_apart_and_in_wordings_of_its_own():
 
 
 def test_reworded_dev_split_is_what_its_generator_writes(tmp_path):
-    from data_synthesis.make_dev_reworded import main
+    from data_synthesis.make_dev_reworded import KEPT_APART, main
 
-    for name in (
-        "sft/train.jsonl",
-        "preference/train.jsonl",
-        "prompts/train.jsonl",
-        "dev/math.jsonl",
-        "eval/math.jsonl",
-    ):
+    for name in KEPT_APART:
         (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / name).write_text((DATA / name).read_text())
     main(["--root", str(tmp_path)])
