@@ -26,6 +26,7 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     "chain.yaml": ("alignment.chain", "ChainConfig"),
     # Overlays: another chain recipe plus overrides; tests/test_chain.py loads each with its base, whole.
     "chain_adamw.yaml": ("alignment.chain", "ChainOverlayConfig"),
+    "chain_rs.yaml": ("alignment.chain", "ChainOverlayConfig"),
     "chain_smoke.yaml": ("alignment.chain", "ChainOverlayConfig"),
     "eval.yaml": ("alignment.eval", "EvalConfig"),
     "upcycle.yaml": ("alignment.upcycle", "UpcycleConfig"),
