@@ -119,11 +119,11 @@ def source_stage(run: Path, stage: str, earlier: list[str]) -> str:
     an earlier stage's folder of this run (dpo_rs -> sft, online_dpo_adamw -> dpo), else the stage evaluated
     just before it (sft -> start, whose model is the start model, not a folder of the run)."""
     config = read_yaml(run / stage / "config.yaml")
-    source = (config or {}).get("model", {}).get("name_or_path") if isinstance(config, dict) else None
+    source = ((config or {}).get("model") or {}).get("name_or_path")
     if isinstance(source, str):
-        path = Path(source)
+        folder = Path(source).resolve()
         for name in reversed(earlier):
-            if path == run / name or path.resolve() == (run / name).resolve():
+            if folder == (run / name).resolve():
                 return name
     return earlier[-1]
 

@@ -164,24 +164,17 @@ def rows(per_task: int, seed: int, exclude: set[str]) -> list[dict]:
     return out
 
 
-def _user_text(prompt) -> str | None:
-    """The user's text of a row's prompt: a string, or the last user message of a conversation."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):
-        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        return users[-1] if users else None
-    return None
-
-
 def _prompts(path: Path) -> set[str]:
-    """Every user prompt of a JSONL file (``prompt`` or ``messages``), to keep this split apart from it."""
+    """The text of every user turn of a JSONL file (``prompt`` or ``messages``), to keep this split apart from
+    it; a plain string prompt counts as one user turn."""
     found = set()
     for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
-        text = _user_text(row.get("prompt", row.get("messages")))
-        if text:
-            found.add(text)
+        turns = row.get("prompt", row.get("messages"))
+        if isinstance(turns, str):
+            found.add(turns)
+        elif isinstance(turns, list):
+            found |= {t["content"] for t in turns if isinstance(t, dict) and t.get("role") == "user"}
     return found
 
 

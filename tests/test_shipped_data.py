@@ -263,12 +263,6 @@ def test_reward_model_held_out_pairs_are_disjoint_from_its_training_pairs(monkey
 
 
 # data/dev/math_reworded.jsonl: the eight multi-step skills in wordings of its own, solved here independently.
-def _frac_sum(m: re.Match) -> str:
-    from fractions import Fraction
-
-    return str(Fraction(int(m["a"]), int(m["b"])) + Fraction(int(m["c"]), int(m["d"])))
-
-
 REWORDED = [
     (r"On Saturday (?P<n>\w+) walked for (?P<t1>\d+) hours at a steady (?P<v1>\d+) km per hour\. On Sunday \w+ kept "
      r"up (?P<v2>\d+) km per hour for (?P<t2>\d+) hours\. Over the weekend, how many kilometres did \w+ cover\?",
@@ -291,7 +285,7 @@ REWORDED = [
     (r"\w+ is (?P<g>\d+) years older than \w+, who is (?P<a>\d+) today\. How old will \w+ be in (?P<l>\d+) years\?",
      lambda m: str(int(m["g"]) + int(m["a"]) + int(m["l"]))),
     (r"\w+ used (?P<a>\d+)/(?P<b>\d+) of an? [\w ]+ and \w+ used (?P<c>\d+)/(?P<d>\d+) of it\. What fraction of the "
-     r"[\w ]+ did they use together, in lowest terms\?", _frac_sum),
+     r"[\w ]+ did they use together, in lowest terms\?", _fraction_add),
 ]  # fmt: skip
 
 
