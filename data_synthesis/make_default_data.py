@@ -22,6 +22,7 @@ import json
 import random
 from collections.abc import Callable
 from fractions import Fraction
+from functools import partial
 from math import lcm
 from pathlib import Path
 
@@ -136,18 +137,44 @@ def _word_problem(rng: random.Random) -> Task:
 # Multi-step word problems: the skills of data/eval/math.jsonl (rates, totals and change, rectangles, discounts,
 # parts of a whole, linear equations, ages, fraction sums) in this file's own scenarios and wording. Every
 # worked answer writes each intermediate result, so a small model learns to compute one step at a time.
+# Each skill has several wordings: the first is the one the preference pairs, the online prompts and the
+# validation split (data/dev/math.jsonl) use; the SFT demonstrations draw among all of them, the first half the
+# time (``wording`` in ``generate``), so the model meets a skill in more than one sentence. They were written
+# apart from the held-out templates (data_synthesis/make_eval_sets.py) and the reworded validation split
+# (make_dev_reworded.py): the held-out ones' scenarios and key phrases are not used, and
+# tests/test_shipped_data.py checks that no held-out or reworded prompt matches any training template.
 PEOPLE = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kira", "Leo")
 
+Pick = Callable[[list[str]], str]
 
-def _trip(rng: random.Random) -> Task:
+
+def _first(options: list[str]) -> str:
+    return options[0]
+
+
+def _half_first(rng: random.Random, options: list[str]) -> str:
+    """The first wording half the time, the others share the rest. Tuned on the two validation splits (SFT alone,
+    greedy math accuracy): every wording equally often 49/191 on data/dev/math.jsonl and 28/200 on
+    data/dev/math_reworded.jsonl; half first 65/191 and 35/200; the first wording only 57/191 and 22/200."""
+    return rng.choices(options, weights=[len(options) - 1] + [1] * (len(options) - 1))[0]
+
+
+def _trip(rng: random.Random, pick: Pick = _first) -> Task:
     who = rng.choice(["A cyclist", "A bus", "A boat", "A runner", "A truck"])
     v1, t1, v2, t2 = rng.randint(8, 60), rng.randint(2, 5), rng.randint(8, 60), rng.randint(1, 4)
     d1, d2 = v1 * t1, v2 * t2
     gold = d1 + d2
-    prompt = (
-        f"{who} goes {v1} km/h for {t1} hours and after that {v2} km/h for {t2} hours. "
-        "What is the whole distance in km?"
-    )
+    prompt = pick(
+        [
+            "{who} goes {v1} km/h for {t1} hours and after that {v2} km/h for {t2} hours. "
+            "What is the whole distance in km?",
+            "{who} covers the first part of a route in {t1} hours at {v1} km/h and the rest in {t2} hours at "
+            "{v2} km/h. How many km is the route?",
+            "Leg one: {t1} hours at {v1} km/h. Leg two: {t2} hours at {v2} km/h. How many km does {lwho} go "
+            "over both legs?",
+            "How far, in km, does {lwho} get by moving {t1} hours at {v1} km/h and then {t2} hours at {v2} km/h?",
+        ]
+    ).format(who=who, lwho=who[0].lower() + who[1:], v1=v1, t1=t1, v2=v2, t2=t2)
     answer = (
         f"{v1} × {t1} = {d1} km and {v2} × {t2} = {d2} km, so {d1} + {d2} = {gold}. The answer is {gold}."
     )
@@ -155,36 +182,63 @@ def _trip(rng: random.Random) -> Task:
     return prompt, answer, str(gold), wrong
 
 
-def _shopping(rng: random.Random) -> Task:
+def _shopping(rng: random.Random, pick: Pick = _first) -> Task:
     name = rng.choice(PEOPLE)
     a, p, b, q = rng.randint(2, 6), rng.randint(2, 9), rng.randint(2, 6), rng.randint(1, 5)
     x, y = a * p, b * q
     total = x + y
     note = next(v for v in (20, 50, 100) if v > total)
     gold = note - total
-    prompt = (
-        f"{name} picks {a} mugs at {p} dollars each and {b} spoons at {q} dollars each, paying with a "
-        f"{note} dollar note. What change should {name} receive?"
-    )
+    prompt = pick(
+        [
+            "{n} picks {a} mugs at {p} dollars each and {b} spoons at {q} dollars each, paying with a "
+            "{note} dollar note. What change should {n} receive?",
+            "{n} has {note} dollars and spends them on {a} sandwiches at {p} dollars apiece and {b} juices at "
+            "{q} dollars apiece. How many dollars does {n} still have?",
+            "A cafe charges {p} dollars per muffin and {q} dollars per tea. {n} orders {a} muffins and {b} "
+            "teas and hands over {note} dollars. What should come back to {n}?",
+            "From a {note} dollar budget, {n} spends on {a} candles costing {p} dollars each and {b} cards "
+            "costing {q} dollars each. What remains of the budget?",
+        ]
+    ).format(n=name, a=a, p=p, b=b, q=q, note=note)
     steps = f"{a} × {p} = {x} and {b} × {q} = {y}, so the total is {x} + {y} = {total}."
     answer = f"{steps} The change is {note} - {total} = {gold}. The answer is {gold}."
     wrong = f"{steps} The change is {note} - {total} = {gold + 2}. The answer is {gold + 2}."
     return prompt, answer, str(gold), wrong
 
 
-def _rectangle(rng: random.Random) -> Task:
+def _rectangle(rng: random.Random, pick: Pick = _first) -> Task:
     thing = rng.choice(["field", "playground", "carpet", "tabletop", "parking lot"])
     length, width = rng.randint(4, 30), rng.randint(2, 20)
     if rng.random() < 0.5:
         gold = 2 * (length + width)
-        prompt = f"How long is the border of a {length} m by {width} m rectangular {thing}, in metres?"
+        prompt = pick(
+            [
+                "How long is the border of a {l} m by {w} m rectangular {t}, in metres?",
+                "A ribbon goes once around the edge of a rectangular {t} with sides of {l} m and {w} m. How "
+                "many metres of ribbon is that?",
+                "Walking all the way around a rectangular {t} that measures {l} m on one side and {w} m on the "
+                "other, how many metres do you walk?",
+                "The sides of a rectangular {t} are {l} m and {w} m. What is the total length of its four sides "
+                "in metres?",
+            ]
+        ).format(l=length, w=width, t=thing)
         answer = (
             f"The border is 2 × ({length} + {width}) = 2 × {length + width} = {gold}. The answer is {gold}."
         )
         wrong = f"The border is {length} + {width} = {length + width}. The answer is {length + width}."
     else:
         gold = length * width
-        prompt = f"How many square metres does a {length} m by {width} m rectangular {thing} cover?"
+        prompt = pick(
+            [
+                "How many square metres does a {l} m by {w} m rectangular {t} cover?",
+                "A rectangular {t} has sides of {l} m and {w} m. How much ground does it take up, in square "
+                "metres?",
+                "How many one-metre squares fit exactly on a rectangular {t} with sides {l} m and {w} m?",
+                "What is the size in square metres of a rectangular {t} with a length of {l} m and a width of "
+                "{w} m?",
+            ]
+        ).format(l=length, w=width, t=thing)
         answer = f"The area is {length} × {width} = {gold}. The answer is {gold}."
         bad = (
             2 * (length + width) if 2 * (length + width) != gold else length + width
@@ -193,13 +247,21 @@ def _rectangle(rng: random.Random) -> Task:
     return prompt, answer, str(gold), wrong
 
 
-def _discount(rng: random.Random) -> Task:
+def _discount(rng: random.Random, pick: Pick = _first) -> Task:
     item = rng.choice(["lamp", "bicycle", "coat", "chair", "guitar"])
     rate = rng.choice([10, 20, 25, 30, 40, 50, 75])
     price = rng.randint(2, 25) * 20
     off = price * rate // 100
     gold = price - off
-    prompt = f"With {rate} percent taken off, what does a {item} that was {price} dollars cost now?"
+    prompt = pick(
+        [
+            "With {r} percent taken off, what does a {i} that was {p} dollars cost now?",
+            "A {i} priced at {p} dollars gets a discount of {r} percent. How many dollars does it cost after "
+            "the discount?",
+            "The price of a {i} is {p} dollars. A coupon takes away {r} percent of that. What is left to pay?",
+            "What do you pay for a {p} dollar {i} once the store reduces it by {r} percent?",
+        ]
+    ).format(r=rate, i=item, p=price)
     answer = f"{rate}% of {price} is {price} × {rate} / 100 = {off}, and {price} - {off} = {gold}. The answer is {gold}."
     if off != gold:  # the discount itself given as the price
         wrong = f"{rate}% of {price} is {price} × {rate} / 100 = {off}. The answer is {off}."
@@ -210,7 +272,7 @@ def _discount(rng: random.Random) -> Task:
     return prompt, answer, str(gold), wrong
 
 
-def _part_of_whole(rng: random.Random) -> Task:
+def _part_of_whole(rng: random.Random, pick: Pick = _first) -> Task:
     den = rng.choice([2, 3, 4, 5, 6, 8])
     num = rng.randint(1, den - 1)
     unit = rng.randint(2, 12)
@@ -220,43 +282,82 @@ def _part_of_whole(rng: random.Random) -> Task:
     who, verb = rng.choice(
         [("students", "walk to school"), ("guests", "drink tea"), ("players", "wear caps")]
     )
-    prompt = f"Out of {total} {who}, {num}/{den} {verb}. How many of the {who} do not?"
+    prompt = pick(
+        [
+            "Out of {t} {who}, {n}/{d} {v}. How many of the {who} do not?",
+            "There are {t} {who} and {n}/{d} of them {v}. How many {who} are left who do not?",
+            "{n}/{d} of a group of {t} {who} {v}; the others do not. How many are the others?",
+            "If {n}/{d} of {t} {who} {v}, how many of those {who} do not?",
+        ]
+    ).format(t=total, who=who, n=num, d=den, v=verb)
     answer = f"{total} / {den} = {unit}, so {num} × {unit} = {part} {verb}. {total} - {part} = {gold}. The answer is {gold}."
     bad = part if part != gold else total  # the part that does, or (for a half) the whole
     wrong = f"{total} / {den} = {unit}, so {num} × {unit} = {part} {verb}. The answer is {bad}."
     return prompt, answer, str(gold), wrong
 
 
-def _linear(rng: random.Random) -> Task:
+def _linear(rng: random.Random, pick: Pick = _first) -> Task:
     a, x, b = rng.randint(2, 9), rng.randint(-10, 15), rng.randint(1, 25)
     if rng.random() < 0.5:
         c = a * x + b
-        prompt = f"Find the number x such that {a} times x plus {b} equals {c}."
+        prompt = pick(
+            [
+                "Find the number x such that {a} times x plus {b} equals {c}.",
+                "{b} more than {a} times a number x is {c}. What is x?",
+                "Which x makes {a} times x, increased by {b}, come to {c}?",
+                "Adding {b} to the product of {a} and x gives {c}. Find x.",
+            ]
+        ).format(a=a, b=b, c=c)
         answer = f"{a}x = {c} - {b} = {c - b}, so x = {c - b} / {a} = {x}. The answer is {x}."
     else:
         c = a * x - b
-        prompt = f"Find the number x such that {a} times x minus {b} equals {c}."
+        prompt = pick(
+            [
+                "Find the number x such that {a} times x minus {b} equals {c}.",
+                "{b} less than {a} times a number x is {c}. What is x?",
+                "Which x makes {a} times x, decreased by {b}, come to {c}?",
+                "Taking {b} away from the product of {a} and x gives {c}. Find x.",
+            ]
+        ).format(a=a, b=b, c=c)
         answer = f"{a}x = {c} + {b} = {c + b}, so x = {c + b} / {a} = {x}. The answer is {x}."
     wrong = f"x = {c} / {a}. The answer is {x + 1}."
     return prompt, answer, str(x), wrong
 
 
-def _age_gap(rng: random.Random) -> Task:
+def _age_gap(rng: random.Random, pick: Pick = _first) -> Task:
     young, old = rng.sample(PEOPLE, 2)
     age, gap, later = rng.randint(3, 30), rng.randint(2, 15), rng.randint(2, 20)
     now = age + gap
     gold = now + later
-    prompt = f"{young} turned {age} this year and {old} was born {gap} years before {young}. What age will {old} reach {later} years from now?"
+    prompt = pick(
+        [
+            "{y} turned {age} this year and {o} was born {gap} years before {y}. What age will {o} reach "
+            "{later} years from now?",
+            "{o} is the elder sibling of {y}, by {gap} years. {y} is {age}. What will {o}'s age be after "
+            "{later} more years?",
+            "{y} has just turned {age}. {o} reached that same age {gap} years ago. How many years old will {o} "
+            "be {later} years later?",
+            "The age difference between {o} and the younger {y} is {gap} years, and {y} is {age} at present. "
+            "Give {o}'s age {later} years on.",
+        ]
+    ).format(y=young, o=old, age=age, gap=gap, later=later)
     answer = f"{old} is {age} + {gap} = {now} now, and {now} + {later} = {gold}. The answer is {gold}."
     wrong = f"{old} is {age} + {gap} = {now} now. The answer is {now}."
     return prompt, answer, str(gold), wrong
 
 
-def _fraction_add(rng: random.Random) -> Task:
+def _fraction_add(rng: random.Random, pick: Pick = _first) -> Task:
     a, b, c, d = rng.randint(1, 9), rng.randint(2, 10), rng.randint(1, 9), rng.randint(2, 10)
     m = lcm(b, d)
     total = Fraction(a, b) + Fraction(c, d)
-    prompt = f"What is {a}/{b} + {c}/{d}? Write it in simplest form."
+    prompt = pick(
+        [
+            "What is {a}/{b} + {c}/{d}? Write it in simplest form.",
+            "Work out the sum of {a}/{b} and {c}/{d}, simplified.",
+            "{a}/{b} plus {c}/{d} equals what, as a simplified fraction?",
+            "Combine {a}/{b} with {c}/{d} by adding them. Reduce the answer fully.",
+        ]
+    ).format(a=a, b=b, c=c, d=d)
     n = a * m // b + c * m // d
     simplified = "" if f"{n}/{m}" == str(total) else f" = {total}"
     answer = (
@@ -267,7 +368,7 @@ def _fraction_add(rng: random.Random) -> Task:
     return prompt, answer, str(total), wrong
 
 
-TASKS: dict[str, Callable[[random.Random], Task]] = {
+TASKS: dict[str, Callable[..., Task]] = {
     "arithmetic": _arith,
     "count_letter": _count_letter,
     "sort_numbers": _sort_numbers,
@@ -297,8 +398,13 @@ WEIGHTS = {"arithmetic": 3, "count_letter": 2, "sort_numbers": 1, "reverse_word"
 WEIGHTS |= dict.fromkeys(MULTI_STEP, 1.5)
 
 
-def generate(n: int, rng: random.Random, seen: set[str]) -> list[tuple[str, Task]]:
+def generate(
+    n: int, rng: random.Random, seen: set[str], wording: random.Random | None = None
+) -> list[tuple[str, Task]]:
+    """n tasks with prompts not in ``seen``. ``wording`` draws each multi-step prompt's wording among its
+    skill's templates (the first one half the time) (its own stream: the numbers drawn from ``rng`` stay the same); without it, the first."""
     names = list(TASKS)
+    pick = _first if wording is None else partial(_half_first, wording)
     out = []
     attempts = 0
     while len(out) < n:
@@ -306,10 +412,20 @@ def generate(n: int, rng: random.Random, seen: set[str]) -> list[tuple[str, Task
         if attempts > 100 * n:
             raise RuntimeError(f"could not make {n} distinct prompts")
         kind = rng.choices(names, weights=[WEIGHTS[k] for k in names])[0]
-        task = TASKS[kind](rng)
-        if task[0] in seen:
+        if kind in MULTI_STEP:
+            state = rng.getstate()
+            task = TASKS[kind](rng, pick)
+            # The same problem in the first wording: kept in `seen` too, so no later file (preference pairs,
+            # prompts, the validation split) asks a problem the SFT data asked in other words.
+            first = random.Random()
+            first.setstate(state)
+            keys = {task[0], TASKS[kind](first)[0]}
+        else:
+            task = TASKS[kind](rng)
+            keys = {task[0]}
+        if keys & seen:
             continue
-        seen.add(task[0])
+        seen |= keys
         out.append((kind, task))
     return out
 
@@ -393,7 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(args.seed)
     seen: set[str] = set()
     out = Path(args.out)
-    write_jsonl(out / "sft" / "train.jsonl", sft_rows(generate(args.sft, rng, seen), rng))
+    sft_tasks = generate(args.sft, rng, seen, wording=random.Random(args.seed + 1))
+    write_jsonl(out / "sft" / "train.jsonl", sft_rows(sft_tasks, rng))
     write_jsonl(out / "preference" / "train.jsonl", preference_rows(generate(args.preference, rng, seen)))
     write_jsonl(out / "prompts" / "train.jsonl", prompt_rows(generate(args.prompts, rng, seen)))
     # Its own stream, so the training files stay the same whatever its size.

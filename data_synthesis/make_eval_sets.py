@@ -57,6 +57,21 @@ TRAINING_PATTERNS = [
     re.compile(r"Find the number x such that", re.I),
     re.compile(r"turned \d+ this year and \w+ was born \d+ years before", re.I),
     re.compile(r"What is \d+/\d+ \+ \d+/\d+\? Write it in simplest form", re.I),
+    # The SFT demonstrations' other wordings of the same skills.
+    re.compile(r"covers the first part of a route|Leg one: \d+ hours|get by moving \d+ hours", re.I),
+    re.compile(r"sandwiches at \d+ dollars apiece|dollars per muffin|dollar budget, \w+ spends on", re.I),
+    re.compile(
+        r"A ribbon goes once around|Walking all the way around a rectangular|length of its four sides", re.I
+    ),
+    re.compile(
+        r"How much ground does it take up|one-metre squares fit|size in square metres of a rectangular", re.I
+    ),
+    re.compile(r"gets a discount of \d+ percent|A coupon takes away|once the store reduces it by", re.I),
+    re.compile(r"\d+/\d+ of them [a-z ]+\. How many \w+ are left|of a group of \d+ \w+ .*; the others", re.I),
+    re.compile(r"If \d+/\d+ of \d+ \w+ .*, how many of those", re.I),
+    re.compile(r"times a number x is|Which x makes|the product of \d+ and x gives", re.I),
+    re.compile(r"is the elder sibling of|reached that same age|The age difference between", re.I),
+    re.compile(r"Work out the sum of \d+/\d+|plus \d+/\d+ equals what|Combine \d+/\d+ with \d+/\d+", re.I),
 ]
 
 MathTask = tuple[str, str]  # prompt, gold answer

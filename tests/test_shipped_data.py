@@ -41,9 +41,45 @@ def _fraction_add(m: re.Match) -> str:
 
 def _linear(m: re.Match) -> str:
     a, b, c = int(m["a"]), int(m["b"]), int(m["c"])
-    rhs = c - b if m["op"] == "plus" else c + b
+    rhs = c - b if m["op"] in ("plus", "more", "increased") else c + b
     assert rhs % a == 0
     return str(rhs // a)
+
+
+def _trip(m: re.Match) -> str:
+    return str(int(m["v1"]) * int(m["t1"]) + int(m["v2"]) * int(m["t2"]))
+
+
+def _change(m: re.Match) -> str:
+    return str(int(m["note"]) - int(m["a"]) * int(m["p"]) - int(m["b"]) * int(m["q"]))
+
+
+def _border(m: re.Match) -> str:
+    return str(2 * int(m["l"]) + 2 * int(m["w"]))
+
+
+def _area(m: re.Match) -> str:
+    return str(int(m["l"]) * int(m["w"]))
+
+
+def _discounted(m: re.Match) -> str:
+    return str(int(m["p"]) * (100 - int(m["r"])) // 100)
+
+
+def _rest(m: re.Match) -> str:
+    return str(int(m["t"]) - int(m["t"]) * int(m["n"]) // int(m["d"]))
+
+
+def _linear_words(m: re.Match) -> str:
+    """a·x + b = c ("Adding b to the product of a and x gives c") or a·x - b = c ("Taking b away from ...")."""
+    a, c = int(m["a"]), int(m["c"])
+    rhs = c - int(m["b"]) if m["b"] is not None else c + int(m["b2"])
+    assert rhs % a == 0
+    return str(rhs // a)
+
+
+def _older_later(m: re.Match) -> str:
+    return str(int(m["age"]) + int(m["gap"]) + int(m["later"]))
 
 
 def _sort(m: re.Match) -> str:
@@ -83,6 +119,60 @@ SOLVERS = [
      r"(?P=y)\. What age will (?P=o) reach (?P<later>\d+) years from now\?",
      lambda m: str(int(m["age"]) + int(m["gap"]) + int(m["later"]))),
     (r"What is (?P<a>\d+)/(?P<b>\d+) \+ (?P<c>\d+)/(?P<d>\d+)\? Write it in simplest form\.", _fraction_add),
+    # The other wordings of the SFT demonstrations (make_default_data: each skill's later templates).
+    (r"A (cyclist|bus|boat|runner|truck) covers the first part of a route in (?P<t1>\d+) hours at (?P<v1>\d+) "
+     r"km/h and the rest in (?P<t2>\d+) hours at (?P<v2>\d+) km/h\. How many km is the route\?", _trip),
+    (r"Leg one: (?P<t1>\d+) hours at (?P<v1>\d+) km/h\. Leg two: (?P<t2>\d+) hours at (?P<v2>\d+) km/h\. "
+     r"How many km does a (cyclist|bus|boat|runner|truck) go over both legs\?", _trip),
+    (r"How far, in km, does a (cyclist|bus|boat|runner|truck) get by moving (?P<t1>\d+) hours at (?P<v1>\d+) "
+     r"km/h and then (?P<t2>\d+) hours at (?P<v2>\d+) km/h\?", _trip),
+    (r"(?P<n>[A-Z]\w+) has (?P<note>\d+) dollars and spends them on (?P<a>\d+) sandwiches at (?P<p>\d+) "
+     r"dollars apiece and (?P<b>\d+) juices at (?P<q>\d+) dollars apiece\. How many dollars does (?P=n) still "
+     r"have\?", _change),
+    (r"A cafe charges (?P<p>\d+) dollars per muffin and (?P<q>\d+) dollars per tea\. (?P<n>[A-Z]\w+) orders "
+     r"(?P<a>\d+) muffins and (?P<b>\d+) teas and hands over (?P<note>\d+) dollars\. What should come back to "
+     r"(?P=n)\?", _change),
+    (r"From a (?P<note>\d+) dollar budget, (?P<n>[A-Z]\w+) spends on (?P<a>\d+) candles costing (?P<p>\d+) "
+     r"dollars each and (?P<b>\d+) cards costing (?P<q>\d+) dollars each\. What remains of the budget\?", _change),
+    (r"A ribbon goes once around the edge of a rectangular [a-z ]+ with sides of (?P<l>\d+) m and (?P<w>\d+) m\. "
+     r"How many metres of ribbon is that\?", _border),
+    (r"Walking all the way around a rectangular [a-z ]+ that measures (?P<l>\d+) m on one side and (?P<w>\d+) m "
+     r"on the other, how many metres do you walk\?", _border),
+    (r"The sides of a rectangular [a-z ]+ are (?P<l>\d+) m and (?P<w>\d+) m\. What is the total length of its "
+     r"four sides in metres\?", _border),
+    (r"A rectangular [a-z ]+ has sides of (?P<l>\d+) m and (?P<w>\d+) m\. How much ground does it take up, in "
+     r"square metres\?", _area),
+    (r"How many one-metre squares fit exactly on a rectangular [a-z ]+ with sides (?P<l>\d+) m and (?P<w>\d+) "
+     r"m\?", _area),
+    (r"What is the size in square metres of a rectangular [a-z ]+ with a length of (?P<l>\d+) m and a width of "
+     r"(?P<w>\d+) m\?", _area),
+    (r"A \w+ priced at (?P<p>\d+) dollars gets a discount of (?P<r>\d+) percent\. How many dollars does it "
+     r"cost after the discount\?", _discounted),
+    (r"The price of a \w+ is (?P<p>\d+) dollars\. A coupon takes away (?P<r>\d+) percent of that\. What is "
+     r"left to pay\?", _discounted),
+    (r"What do you pay for a (?P<p>\d+) dollar \w+ once the store reduces it by (?P<r>\d+) percent\?",
+     _discounted),
+    (r"There are (?P<t>\d+) (?P<who>\w+) and (?P<n>\d+)/(?P<d>\d+) of them [a-z ]+\. How many (?P=who) are "
+     r"left who do not\?", _rest),
+    (r"(?P<n>\d+)/(?P<d>\d+) of a group of (?P<t>\d+) \w+ [a-z ]+; the others do not\. How many are the "
+     r"others\?", _rest),
+    (r"If (?P<n>\d+)/(?P<d>\d+) of (?P<t>\d+) (?P<who>\w+) [a-z ]+, how many of those (?P=who) do not\?", _rest),
+    (r"(?P<b>\d+) (?P<op>more|less) than (?P<a>\d+) times a number x is (?P<c>-?\d+)\. What is x\?", _linear),
+    (r"Which x makes (?P<a>\d+) times x, (?P<op>increased|decreased) by (?P<b>\d+), come to (?P<c>-?\d+)\?",
+     _linear),
+    (r"(Adding (?P<b>\d+) to|Taking (?P<b2>\d+) away from) the product of (?P<a>\d+) and x gives "
+     r"(?P<c>-?\d+)\. Find x\.", _linear_words),
+    (r"(?P<o>[A-Z]\w+) is the elder sibling of (?P<y>[A-Z]\w+), by (?P<gap>\d+) years\. (?P=y) is "
+     r"(?P<age>\d+)\. What will (?P=o)'s age be after (?P<later>\d+) more years\?", _older_later),
+    (r"(?P<y>[A-Z]\w+) has just turned (?P<age>\d+)\. (?P<o>[A-Z]\w+) reached that same age (?P<gap>\d+) "
+     r"years ago\. How many years old will (?P=o) be (?P<later>\d+) years later\?", _older_later),
+    (r"The age difference between (?P<o>[A-Z]\w+) and the younger (?P<y>[A-Z]\w+) is (?P<gap>\d+) years, and "
+     r"(?P=y) is (?P<age>\d+) at present\. Give (?P=o)'s age (?P<later>\d+) years on\.", _older_later),
+    (r"Work out the sum of (?P<a>\d+)/(?P<b>\d+) and (?P<c>\d+)/(?P<d>\d+), simplified\.", _fraction_add),
+    (r"(?P<a>\d+)/(?P<b>\d+) plus (?P<c>\d+)/(?P<d>\d+) equals what, as a simplified fraction\?",
+     _fraction_add),
+    (r"Combine (?P<a>\d+)/(?P<b>\d+) with (?P<c>\d+)/(?P<d>\d+) by adding them\. Reduce the answer fully\.",
+     _fraction_add),
 ]  # fmt: skip
 
 
@@ -142,6 +232,81 @@ SOLVER_CASES = [
         "18",
     ),
     ("What is 1/2 + 1/3? Write it in simplest form.", "5/6"),
+    # The other wordings of the SFT demonstrations.
+    (
+        "A boat covers the first part of a route in 2 hours at 10 km/h and the rest in 3 hours at 20 km/h. How many km is the route?",
+        "80",
+    ),
+    (
+        "Leg one: 3 hours at 12 km/h. Leg two: 1 hours at 30 km/h. How many km does a truck go over both legs?",
+        "66",
+    ),
+    ("How far, in km, does a runner get by moving 2 hours at 9 km/h and then 1 hours at 8 km/h?", "26"),
+    (
+        "Ana has 20 dollars and spends them on 2 sandwiches at 4 dollars apiece and 3 juices at 2 dollars apiece. How many dollars does Ana still have?",
+        "6",
+    ),
+    (
+        "A cafe charges 3 dollars per muffin and 2 dollars per tea. Leo orders 4 muffins and 5 teas and hands over 50 dollars. What should come back to Leo?",
+        "28",
+    ),
+    (
+        "From a 100 dollar budget, Jun spends on 6 candles costing 9 dollars each and 5 cards costing 5 dollars each. What remains of the budget?",
+        "21",
+    ),
+    (
+        "A ribbon goes once around the edge of a rectangular carpet with sides of 4 m and 2 m. How many metres of ribbon is that?",
+        "12",
+    ),
+    (
+        "Walking all the way around a rectangular parking lot that measures 10 m on one side and 7 m on the other, how many metres do you walk?",
+        "34",
+    ),
+    (
+        "The sides of a rectangular field are 30 m and 20 m. What is the total length of its four sides in metres?",
+        "100",
+    ),
+    (
+        "A rectangular playground has sides of 6 m and 7 m. How much ground does it take up, in square metres?",
+        "42",
+    ),
+    ("How many one-metre squares fit exactly on a rectangular tabletop with sides 4 m and 3 m?", "12"),
+    (
+        "What is the size in square metres of a rectangular field with a length of 9 m and a width of 8 m?",
+        "72",
+    ),
+    (
+        "A lamp priced at 200 dollars gets a discount of 30 percent. How many dollars does it cost after the discount?",
+        "140",
+    ),
+    (
+        "The price of a chair is 60 dollars. A coupon takes away 75 percent of that. What is left to pay?",
+        "15",
+    ),
+    ("What do you pay for a 40 dollar coat once the store reduces it by 10 percent?", "36"),
+    ("There are 20 guests and 1/2 of them drink tea. How many guests are left who do not?", "10"),
+    ("2/3 of a group of 15 players wear caps; the others do not. How many are the others?", "5"),
+    ("If 3/8 of 72 players wear caps, how many of those players do not?", "45"),
+    ("9 less than 8 times a number x is -81. What is x?", "-9"),
+    ("5 more than 2 times a number x is 1. What is x?", "-2"),
+    ("Which x makes 4 times x, decreased by 3, come to 25?", "7"),
+    ("Adding 20 to the product of 3 and x gives -7. Find x.", "-9"),
+    ("Taking 4 away from the product of 3 and x gives -34. Find x.", "-10"),
+    (
+        "Hana is the elder sibling of Eli, by 4 years. Eli is 9. What will Hana's age be after 10 more years?",
+        "23",
+    ),
+    (
+        "Chen has just turned 12. Goran reached that same age 5 years ago. How many years old will Goran be 3 years later?",
+        "20",
+    ),
+    (
+        "The age difference between Kira and the younger Ivo is 15 years, and Ivo is 15 at present. Give Kira's age 18 years on.",
+        "48",
+    ),
+    ("Work out the sum of 1/4 and 1/4, simplified.", "1/2"),
+    ("3/3 plus 8/5 equals what, as a simplified fraction?", "13/5"),
+    ("Combine 8/9 with 9/6 by adding them. Reduce the answer fully.", "43/18"),
 ]
 
 
