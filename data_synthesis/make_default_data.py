@@ -298,28 +298,22 @@ def _part_of_whole(rng: random.Random, pick: Pick = _first) -> Task:
 
 def _linear(rng: random.Random, pick: Pick = _first) -> Task:
     a, x, b = rng.randint(2, 9), rng.randint(-10, 15), rng.randint(1, 25)
-    if rng.random() < 0.5:
+    if rng.random() < 0.5:  # a·x + b = c
         c = a * x + b
-        prompt = pick(
-            [
-                "Find the number x such that {a} times x plus {b} equals {c}.",
-                "{b} more than {a} times a number x is {c}. What is x?",
-                "Which x makes {a} times x, increased by {b}, come to {c}?",
-                "Adding {b} to the product of {a} and x gives {c}. Find x.",
-            ]
-        ).format(a=a, b=b, c=c)
+        words = {"op": "plus", "than": "more", "by": "increased", "verb": "Adding", "to": "to"}
         answer = f"{a}x = {c} - {b} = {c - b}, so x = {c - b} / {a} = {x}. The answer is {x}."
-    else:
+    else:  # a·x - b = c
         c = a * x - b
-        prompt = pick(
-            [
-                "Find the number x such that {a} times x minus {b} equals {c}.",
-                "{b} less than {a} times a number x is {c}. What is x?",
-                "Which x makes {a} times x, decreased by {b}, come to {c}?",
-                "Taking {b} away from the product of {a} and x gives {c}. Find x.",
-            ]
-        ).format(a=a, b=b, c=c)
+        words = {"op": "minus", "than": "less", "by": "decreased", "verb": "Taking", "to": "away from"}
         answer = f"{a}x = {c} + {b} = {c + b}, so x = {c + b} / {a} = {x}. The answer is {x}."
+    prompt = pick(
+        [
+            "Find the number x such that {a} times x {op} {b} equals {c}.",
+            "{b} {than} than {a} times a number x is {c}. What is x?",
+            "Which x makes {a} times x, {by} by {b}, come to {c}?",
+            "{verb} {b} {to} the product of {a} and x gives {c}. Find x.",
+        ]
+    ).format(a=a, b=b, c=c, **words)
     wrong = f"x = {c} / {a}. The answer is {x + 1}."
     return prompt, answer, str(x), wrong
 
@@ -401,8 +395,9 @@ WEIGHTS |= dict.fromkeys(MULTI_STEP, 1.5)
 def generate(
     n: int, rng: random.Random, seen: set[str], wording: random.Random | None = None
 ) -> list[tuple[str, Task]]:
-    """n tasks with prompts not in ``seen``. ``wording`` draws each multi-step prompt's wording among its
-    skill's templates (the first one half the time) (its own stream: the numbers drawn from ``rng`` stay the same); without it, the first."""
+    """n tasks with prompts not in ``seen``. With ``wording``, each multi-step prompt's wording is drawn from that
+    stream among its skill's templates (the first one half the time; the numbers drawn from ``rng`` stay the
+    same); without it, every prompt has the first wording."""
     names = list(TASKS)
     pick = _first if wording is None else partial(_half_first, wording)
     out = []

@@ -41,7 +41,7 @@ def _fraction_add(m: re.Match) -> str:
 
 def _linear(m: re.Match) -> str:
     a, b, c = int(m["a"]), int(m["b"]), int(m["c"])
-    rhs = c - b if m["op"] in ("plus", "more", "increased") else c + b
+    rhs = c - b if m["op"] in ("plus", "more", "increased", "Adding") else c + b
     assert rhs % a == 0
     return str(rhs // a)
 
@@ -70,14 +70,6 @@ def _rest(m: re.Match) -> str:
     return str(int(m["t"]) - int(m["t"]) * int(m["n"]) // int(m["d"]))
 
 
-def _linear_words(m: re.Match) -> str:
-    """a·x + b = c ("Adding b to the product of a and x gives c") or a·x - b = c ("Taking b away from ...")."""
-    a, c = int(m["a"]), int(m["c"])
-    rhs = c - int(m["b"]) if m["b"] is not None else c + int(m["b2"])
-    assert rhs % a == 0
-    return str(rhs // a)
-
-
 def _older_later(m: re.Match) -> str:
     return str(int(m["age"]) + int(m["gap"]) + int(m["later"]))
 
@@ -102,22 +94,22 @@ SOLVERS = [
     # The multi-step word problems.
     (r"A (cyclist|bus|boat|runner|truck) goes (?P<v1>\d+) km/h for (?P<t1>\d+) hours and after that (?P<v2>\d+) "
      r"km/h for (?P<t2>\d+) hours\. What is the whole distance in km\?",
-     lambda m: str(int(m["v1"]) * int(m["t1"]) + int(m["v2"]) * int(m["t2"]))),
+     _trip),
     (r"(?P<n>[A-Z]\w+) picks (?P<a>\d+) mugs at (?P<p>\d+) dollars each and (?P<b>\d+) spoons at (?P<q>\d+) "
      r"dollars each, paying with a (?P<note>\d+) dollar note\. What change should (?P=n) receive\?",
-     lambda m: str(int(m["note"]) - int(m["a"]) * int(m["p"]) - int(m["b"]) * int(m["q"]))),
+     _change),
     (r"How long is the border of a (?P<l>\d+) m by (?P<w>\d+) m rectangular [a-z ]+, in metres\?",
-     lambda m: str(2 * int(m["l"]) + 2 * int(m["w"]))),
+     _border),
     (r"How many square metres does a (?P<l>\d+) m by (?P<w>\d+) m rectangular [a-z ]+ cover\?",
-     lambda m: str(int(m["l"]) * int(m["w"]))),
+     _area),
     (r"With (?P<r>\d+) percent taken off, what does a \w+ that was (?P<p>\d+) dollars cost now\?",
-     lambda m: str(int(m["p"]) * (100 - int(m["r"])) // 100)),
+     _discounted),
     (r"Out of (?P<t>\d+) (?P<who>\w+), (?P<n>\d+)/(?P<d>\d+) [a-z ]+\. How many of the (?P=who) do not\?",
-     lambda m: str(int(m["t"]) - int(m["t"]) * int(m["n"]) // int(m["d"]))),
+     _rest),
     (r"Find the number x such that (?P<a>\d+) times x (?P<op>plus|minus) (?P<b>\d+) equals (?P<c>-?\d+)\.", _linear),
     (r"(?P<y>[A-Z]\w+) turned (?P<age>\d+) this year and (?P<o>[A-Z]\w+) was born (?P<gap>\d+) years before "
      r"(?P=y)\. What age will (?P=o) reach (?P<later>\d+) years from now\?",
-     lambda m: str(int(m["age"]) + int(m["gap"]) + int(m["later"]))),
+     _older_later),
     (r"What is (?P<a>\d+)/(?P<b>\d+) \+ (?P<c>\d+)/(?P<d>\d+)\? Write it in simplest form\.", _fraction_add),
     # The other wordings of the SFT demonstrations (make_default_data: each skill's later templates).
     (r"A (cyclist|bus|boat|runner|truck) covers the first part of a route in (?P<t1>\d+) hours at (?P<v1>\d+) "
@@ -160,8 +152,8 @@ SOLVERS = [
     (r"(?P<b>\d+) (?P<op>more|less) than (?P<a>\d+) times a number x is (?P<c>-?\d+)\. What is x\?", _linear),
     (r"Which x makes (?P<a>\d+) times x, (?P<op>increased|decreased) by (?P<b>\d+), come to (?P<c>-?\d+)\?",
      _linear),
-    (r"(Adding (?P<b>\d+) to|Taking (?P<b2>\d+) away from) the product of (?P<a>\d+) and x gives "
-     r"(?P<c>-?\d+)\. Find x\.", _linear_words),
+    (r"(?P<op>Adding|Taking) (?P<b>\d+) (to|away from) the product of (?P<a>\d+) and x gives (?P<c>-?\d+)\. "
+     r"Find x\.", _linear),
     (r"(?P<o>[A-Z]\w+) is the elder sibling of (?P<y>[A-Z]\w+), by (?P<gap>\d+) years\. (?P=y) is "
      r"(?P<age>\d+)\. What will (?P=o)'s age be after (?P<later>\d+) more years\?", _older_later),
     (r"(?P<y>[A-Z]\w+) has just turned (?P<age>\d+)\. (?P<o>[A-Z]\w+) reached that same age (?P<gap>\d+) "
