@@ -238,13 +238,13 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         return values.kthvalue(n - k + 1).values
     upper, lower = _sample_bounds(values, k)
     # count_nonzero: a bool tensor's sum() first copies it to int64.
-    above = 0 if upper is None else int(torch.count_nonzero(values > upper))
-    at_least = n if lower is None else int(torch.count_nonzero(values >= lower))
+    above = 0 if upper is None else int(torch.count_nonzero(_compare(values, "gt", upper)))
+    at_least = n if lower is None else int(torch.count_nonzero(_compare(values, "ge", lower)))
     if not above < k <= at_least:
         return values.kthvalue(n - k + 1).values
-    inside = torch.ones_like(values, dtype=torch.bool) if lower is None else values >= lower
+    inside = torch.ones_like(values, dtype=torch.bool) if lower is None else _compare(values, "ge", lower)
     if upper is not None:
-        inside &= values <= upper
+        inside &= _compare(values, "le", upper)
     candidates = values[inside]
     return candidates.kthvalue(candidates.numel() - (k - above) + 1).values
 
@@ -262,12 +262,12 @@ def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n, device=values.device)
     upper, lower = _sample_bounds(values, k) if n > 65536 else (None, None)
     if lower is not None:
-        index = _flat_nonzero(values >= lower)
+        index = _flat_nonzero(_compare(values, "ge", lower))
         near = values.index_select(0, index)
         threshold = _kth_among(near, upper, k)
         if threshold is not None:
-            return index.index_select(0, _flat_nonzero(near >= threshold))
-    return _flat_nonzero(values >= kth_largest(values, k))
+            return index.index_select(0, _flat_nonzero(_compare(near, "ge", threshold)))
+    return _flat_nonzero(_compare(values, "ge", kth_largest(values, k)))
 
 
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
@@ -279,16 +279,57 @@ def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().squeeze(1)
 
 
+_COMPARE = {
+    "ge": (np.greater_equal, torch.ge),
+    "gt": (np.greater, torch.gt),
+    "le": (np.less_equal, torch.le),
+}
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """The numpy view of a CPU float32 / float64 tensor (no copy); None for any other."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return t.detach().numpy()
+    return None
+
+
+def _compare(values: torch.Tensor, op: str, bound: torch.Tensor | float, out: torch.Tensor | None = None):
+    """``values >= bound`` (op "ge"), ``>`` ("gt") or ``<=`` ("le") as a bool tensor, into ``out`` when given.
+
+    On CPU for float32 / float64 through numpy: torch's CPU comparisons run 7-10x slower here (262,144
+    entries on one thread: 116 us against 16). The bound is compared in the values' dtype, as torch does.
+    """
+    numpy_op, torch_op = _COMPARE[op]
+    x = _numpy_view(values)
+    if x is None:
+        return torch_op(values, bound, out=out) if out is not None else torch_op(values, bound)
+    b = x.dtype.type(bound.item() if isinstance(bound, torch.Tensor) else bound)
+    if out is None:
+        return torch.from_numpy(numpy_op(x, b))
+    numpy_op(x, b, out=out.numpy())
+    return out
+
+
+def _mask_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x.mul_(mask)`` for a bool mask, in place: the entries where mask is False become zero (-0.0 for
+    negative ones, as the product gives). Through numpy on CPU (3x faster than torch's mul by a bool here)."""
+    view = _numpy_view(x)
+    if view is None or not x.is_contiguous():
+        return x.mul_(mask)
+    np.multiply(view, mask.numpy(), out=view)
+    return x
+
+
 def _kth_among(near: torch.Tensor, upper: torch.Tensor | None, k: int) -> torch.Tensor | None:
     """The k-th largest entry of a whole tensor, found among ``near``: its entries >= a lower bound L; None when
     the bounds do not bracket it (fewer than k candidates, or k or more above ``upper``), and the caller must
     look at the whole tensor."""
     if near.numel() < k:
         return None
-    above = 0 if upper is None else int(torch.count_nonzero(near > upper))
+    above = 0 if upper is None else int(torch.count_nonzero(_compare(near, "gt", upper)))
     if above >= k:
         return None
-    candidates = near if upper is None else near.index_select(0, _flat_nonzero(near <= upper))
+    candidates = near if upper is None else near.index_select(0, _flat_nonzero(_compare(near, "le", upper)))
     return candidates.kthvalue(candidates.numel() - (k - above) + 1).values
 
 
@@ -305,7 +346,9 @@ def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Te
         return x.clone()
     magnitude = x.abs()
     threshold = kth_largest(magnitude.flatten(), k)
-    kept = torch.where(magnitude >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    kept = torch.where(
+        _compare(magnitude, "ge", threshold), x, torch.zeros((), dtype=x.dtype, device=x.device)
+    )
     if rescale:
         return l1_renormalise(kept, x)
     return kept
@@ -313,7 +356,7 @@ def ties_trim(x: torch.Tensor, keep_p: float, rescale: bool = False) -> torch.Te
 
 def _elected_positive(delta_hat: torch.Tensor, tau_tilde: torch.Tensor) -> torch.Tensor:
     """True where the elected sign is +: delta_hat + tau_tilde >= 0 (a zero sum counts as positive)."""
-    return (delta_hat + tau_tilde) >= 0
+    return _compare(delta_hat + tau_tilde, "ge", 0)
 
 
 def elect_sign(delta_hat: torch.Tensor, tau_tilde: torch.Tensor) -> torch.Tensor:
@@ -335,8 +378,8 @@ def disjoint_merge(delta_hat: torch.Tensor, tau_tilde: torch.Tensor, alpha: floa
     # An entry agrees when its sign is the elected one. Zeros "agree" only with +, which changes nothing:
     # a kept zero adds zero. Boolean masks instead of products with the +-1 signs: 1 byte per entry, not 4.
     zero = torch.zeros((), dtype=delta_hat.dtype, device=delta_hat.device)
-    delta_agreed = torch.where((delta_hat >= 0) == positive, delta_hat, zero)
-    tau_agreed = torch.where((tau_tilde >= 0) == positive, tau_tilde, zero.to(tau_tilde.dtype))
+    delta_agreed = torch.where(_compare(delta_hat, "ge", 0) == positive, delta_hat, zero)
+    tau_agreed = torch.where(_compare(tau_tilde, "ge", 0) == positive, tau_tilde, zero.to(tau_tilde.dtype))
     return delta_agreed.mul_(1 - alpha).add_(tau_agreed, alpha=alpha)
 
 
@@ -356,15 +399,51 @@ def adamw_update(
     beta1: float,
     beta2: float,
     eps: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Advance AdamW's moments in place and return its update Delta (without weight decay).
+    """Advance AdamW's moments in place and return its update Delta (without weight decay), written into ``out``
+    (the moments' shape) or a new tensor.
 
-    The arithmetic is ``torch.optim.AdamW``'s single-tensor path, except that the final ``addcdiv_`` into the
-    parameter is split into this update and an add: with p = 1 and no merge the optimizer matches AdamW to
-    rounding (about 1e-16 relative in float64).
+    On CPU, for contiguous float32 / float64 tensors, this is torch's fused AdamW kernel (what
+    ``torch.optim.AdamW(fused=True)`` runs) applied to a zeroed buffer: one pass instead of eight elementwise
+    ops, 2.6x faster here; the moments come out bitwise equal to the op-by-op path, Delta equal to rounding.
+    Elsewhere it is ``torch.optim.AdamW``'s single-tensor arithmetic, except that the final ``addcdiv_`` into
+    the parameter is split into this update and an add. Either way, with p = 1 and no merge the optimizer
+    matches AdamW to rounding (about 1e-16 relative in float64).
     """
+    if _fused_adamw_applies(grad, exp_avg, exp_avg_sq):
+        delta = torch.zeros_like(exp_avg) if out is None else out.zero_()
+        torch._fused_adamw_(
+            [delta],
+            [grad],
+            [exp_avg],
+            [exp_avg_sq],
+            [],
+            [torch.tensor(float(step))],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+        )
+        return delta
     advance_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
-    return adamw_direction(exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    return adamw_direction(exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, out=out)
+
+
+def _fused_adamw_applies(*tensors: torch.Tensor) -> bool:
+    """Whether ``adamw_update`` may use torch's fused kernel: CPU, contiguous, one dtype, float32 or float64.
+    bfloat16 stays op by op (the fused kernel computes in float32 and rounds once, which changes the numbers);
+    on GPUs the op-by-op path stays as it was tested."""
+    first = tensors[0]
+    return (
+        hasattr(torch, "_fused_adamw_")
+        and first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == first.dtype and t.device == first.device and t.is_contiguous() for t in tensors)
+    )
 
 
 def adamw_direction(
@@ -799,8 +878,8 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             # In place on the gathered copies: Delta'' (the entries that agree with the elected sign), and the
             # part of tau_tilde that disagrees, which the alpha * tau_tilde added everywhere must take back.
             # Products with boolean masks: on CPU about 4x faster than torch.where or masked_fill_ here.
-            kept.mul_((kept >= 0) == positive).mul_(1 - alpha)
-            kept.sub_(tau.mul_((tau >= 0) != positive), alpha=alpha)
+            _mask_(kept, _compare(kept, "ge", 0) == positive).mul_(1 - alpha)
+            kept.sub_(_mask_(tau, _compare(tau, "ge", 0) != positive), alpha=alpha)
             param.add_(state["tau"], alpha=alpha)
         _add_at(param, index, kept.to(param.dtype))
 
@@ -818,7 +897,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         (sorted flat indices, Delta at them) with the moments advanced: the candidates, a few more than the
         kept entries, those under the k-th largest with Delta 0; None, with the moments NOT advanced,
         when this path does not apply (a small or non-contiguous tensor, no lower bound); and when the
-        sample misled, the moments are advanced and Delta is recomputed densely from them.
+        sample misled, the moments are advanced and Delta is recomputed densely from them (equal to rounding).
         """
         grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
         n = param.numel()
@@ -843,9 +922,8 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             end = min(start + block, n)
             size = end - start
             g, m, v = grad[start:end], exp_avg[start:end], exp_avg_sq[start:end]
-            advance_moments(g, m, v, beta1, beta2)
-            d = adamw_direction(m, v, step, **hyper, out=delta[:size])
-            torch.ge(torch.abs(d, out=magnitude[:size]), lower, out=is_candidate[:size])
+            d = adamw_update(g, m, v, step, **hyper, out=delta[:size])
+            _compare(torch.abs(d, out=magnitude[:size]), "ge", lower, out=is_candidate[:size])
             found = _flat_nonzero(is_candidate[:size])
             values.append(d.index_select(0, found))
             indices.append(found.add_(start))
@@ -858,7 +936,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             return index, dense.index_select(0, index)
         # Candidates under the threshold stay in the index with Delta 0: a trimmed entry, which the merge moves
         # by alpha * tau_tilde alone (as everywhere else), and which costs no gather here.
-        return index, near.mul_(magnitude >= threshold)
+        return index, _mask_(near, _compare(magnitude, "ge", threshold))
 
     def _block_buffers(
         self, size: int, dtype: torch.dtype, device: torch.device

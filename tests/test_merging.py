@@ -18,7 +18,9 @@ from torch import nn
 from alignment import merging
 from alignment.merging import (
     OnlineMergingOptimizer,
+    adamw_direction,
     adamw_update,
+    advance_moments,
     bernoulli_indices,
     bernoulli_mask,
     dare,
@@ -756,3 +758,57 @@ def test_tau_dtype_bfloat16():
         tau_tilde = opt.state[p]["tau"].to(DTYPE)
         assert tau_tilde.abs().sum() > 0
         torch.testing.assert_close(p.detach(), before[name] + 0.25 * tau_tilde, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("op", ["ge", "gt", "le"])
+def test_fast_comparisons_equal_torchs(op, dtype):
+    """The step's comparisons (numpy on CPU for float32 / float64, torch otherwise) give torch's booleans,
+    with ties at the bound, signed zeros, a bound held in another dtype and a written-into output."""
+    gen = torch.Generator().manual_seed(5)
+    values = (torch.randn(1000, generator=gen, dtype=torch.float64) * 4).round().to(dtype) / 4  # many ties
+    values[:5] = torch.tensor([0.0, -0.0, 0.25, -0.25, 0.1], dtype=dtype)  # 0.1: rounded in float32 and bf16
+    torch_op = {"ge": torch.ge, "gt": torch.gt, "le": torch.le}[op]
+    for bound in (0.25, 0.0, -0.0, 0.1, torch.tensor(0.1, dtype=torch.float64), values[7]):
+        expected = torch_op(values, bound)
+        assert torch.equal(merging._compare(values, op, bound), expected), (op, bound)
+        out = torch.empty(1000, dtype=torch.bool)
+        assert merging._compare(values, op, bound, out=out) is out
+        assert torch.equal(out, expected), (op, bound)
+    strided = values[::3]
+    assert torch.equal(merging._compare(strided, op, 0.5), torch_op(strided, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_mask_in_place_equals_a_product_with_the_mask(dtype):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1000, generator=gen).to(dtype)
+    mask = torch.rand(1000, generator=gen) > 0.5
+    expected = x * mask
+    y = x.clone()
+    assert merging._mask_(y, mask) is y
+    assert torch.equal(y, expected)
+    assert torch.equal(torch.signbit(y), torch.signbit(expected))  # -0.0 where a negative entry is masked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adamw_update_equals_the_op_by_op_arithmetic(dtype):
+    """On CPU adamw_update runs torch's fused AdamW kernel: the moments bitwise equal to AdamW's op-by-op
+    arithmetic (advance_moments), Delta equal to adamw_direction's to rounding, over three steps."""
+    gen = torch.Generator().manual_seed(7)
+    m, v = torch.zeros(5000, dtype=dtype), torch.zeros(5000, dtype=dtype)
+    m2, v2 = m.clone(), v.clone()
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert merging._fused_adamw_applies(m, v, m2)
+    for step in (1, 2, 3):
+        grad = torch.randn(5000, generator=gen, dtype=dtype)
+        out = torch.full((5000,), 7.0, dtype=dtype)  # stale values in the buffer must not leak in
+        delta = adamw_update(grad, m, v, step, **hyper, out=out)
+        assert delta is out
+        advance_moments(grad, m2, v2, 0.9, 0.999)
+        expected = adamw_direction(m2, v2, step, **hyper)
+        assert torch.equal(m, m2) and torch.equal(v, v2)
+        rtol = 1e-6 if dtype == torch.float32 else 1e-14
+        torch.testing.assert_close(delta, expected, rtol=rtol, atol=0)
+    assert not merging._fused_adamw_applies(m.to(torch.bfloat16), v.to(torch.bfloat16))
+    assert not merging._fused_adamw_applies(m[::2], v[::2])
