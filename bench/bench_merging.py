@@ -20,7 +20,8 @@ Where the time goes on CPU (torch profiler, one thread). OnDARE computes its upd
 it: the moments advance everywhere, the kept indices are drawn as geometric gaps (p * numel uniforms, not
 numel), the update is formed on the gathered moments and added with index_add_, then alpha * tau everywhere:
 4 full passes against AdamW's 7, plus the draws and gathers. OnTIES ranks the update without forming it
-for the whole tensor: bounds on the k-th largest from a strided sample, then one pass of 1 MiB blocks that
+for the whole tensor: bounds on the k-th largest from a stratified random sample (one entry drawn in each
+chunk; a plain strided sample saw only a few columns of a real gradient), then one pass of 1 MiB blocks that
 advances the moments and forms the block's update in one call of torch's fused AdamW kernel (2.6x faster
 than the eight elementwise ops it replaced), and keeps the entries over the lower bound (numpy's flatnonzero:
 torch's CPU nonzero was a quarter of the step), then an exact selection among those, about 11% of the

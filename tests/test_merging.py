@@ -376,7 +376,8 @@ def _no_dense_fallback(values, k):
 
 
 def test_onties_blocked_step_falls_back_when_the_sample_misleads(monkeypatch):
-    """Every 128th gradient (the sample's stride at 200,000 entries) is 1, the rest about 0.01: at step 1
+    """The gradient is 1 at the sample's 1,562 positions (``_sample_index``, one in each chunk of 128
+    entries at 200,000), about 0.01 elsewhere: at step 1
     Adam's |Delta| = lr |g| / (|g| + eps) grows with |g|, so the sample sees only the largest entries, its
     lower bound admits fewer than k candidates, and the step must rank the dense Delta instead. It still
     equals the dense path's functions."""
@@ -397,7 +398,7 @@ def test_onties_blocked_step_falls_back_when_the_sample_misleads(monkeypatch):
         use_merge=False,
     )
     grad = 0.01 * torch.randn(200_000, generator=gen, dtype=DTYPE)
-    grad[::128] = 1.0
+    grad[merging._sample_index(grad)] = 1.0
     before = theta.detach().clone()
     theta.grad = grad.clone()
     opt.step()
@@ -812,3 +813,52 @@ def test_fused_adamw_update_equals_the_op_by_op_arithmetic(dtype):
         torch.testing.assert_close(delta, expected, rtol=rtol, atol=0)
     assert not merging._fused_adamw_applies(m.to(torch.bfloat16), v.to(torch.bfloat16))
     assert not merging._fused_adamw_applies(m[::2], v[::2])
+
+
+def test_top_k_finds_its_bounds_on_column_structured_values(monkeypatch):
+    """A 600 x 576 matrix whose every 64th column is large (weight gradients differ by column): a plain strided
+    sample of stride 128 sees only those 9 columns and its bounds miss the k-th largest; the stratified sample
+    (_sample_index) must bracket it, so the full-tensor selection never runs. The result is the exact top-k."""
+    gen = torch.Generator().manual_seed(8)
+    values = torch.rand(600, 576, generator=gen, dtype=torch.float32)
+    values[:, ::64] += 10.0
+    flat = values.flatten()
+    k = keep_count(flat.numel(), 0.1)
+    monkeypatch.setattr(merging, "kth_largest", lambda v, k: pytest.fail("fell back to the full selection"))
+    index = merging.top_k_indices(flat, k)
+    expected = torch.sort(torch.topk(flat, k).indices).values
+    assert torch.equal(index, expected)
+
+
+def test_onties_keeps_only_the_moving_entries_when_fewer_than_k_move(monkeypatch):
+    """Only 5% of a 400 x 500 gradient is nonzero (as rows of unused tokens have none): the k-th largest |Delta|
+    is 0 and TIES keeps every entry, but kept entries with Delta 0 change nothing, so the blocked pass returns
+    the moving entries alone (not all 200,000) and the step still equals trim then disjoint merge."""
+    monkeypatch.setattr(merging, "top_k_indices", _no_dense_fallback)
+    gen = torch.Generator().manual_seed(9)
+    theta = nn.Parameter(torch.randn(400, 500, generator=gen, dtype=DTYPE))
+    tau = 0.004 * torch.randn(400, 500, generator=gen, dtype=DTYPE)
+    alpha, lr = 0.3, 0.01
+    opt = OnlineMergingOptimizer(
+        [("theta", theta)],
+        reference={"theta": tau},
+        base={"theta": torch.zeros(400, 500, dtype=DTYPE)},
+        mode="onties",
+        reserve_p=0.1,
+        alpha=alpha,
+        lr=lr,
+    )
+    grad = torch.zeros(400, 500, dtype=DTYPE)
+    grad[:20] = torch.randn(20, 500, generator=gen, dtype=DTYPE)  # 10,000 of 200,000 entries move
+    found = []
+    blocked = opt._onties_top_k_by_blocks
+    monkeypatch.setattr(opt, "_onties_top_k_by_blocks", lambda *a: found.append(blocked(*a)) or found[-1])
+    before = theta.detach().clone()
+    theta.grad = grad.clone()
+    opt.step()
+    index, kept = found[0]
+    assert index.numel() == 10_000 and bool((index < 10_000).all())
+    exp_avg, exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
+    delta = adamw_update(grad, exp_avg, exp_avg_sq, 1, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8)
+    expected = disjoint_merge(ties_trim(delta, 0.1), opt.state[theta]["tau"], alpha)
+    torch.testing.assert_close(theta.detach(), before + expected, rtol=0, atol=1e-12)
