@@ -93,6 +93,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -221,12 +222,17 @@ def _sample_index(values: torch.Tensor) -> torch.Tensor:
     (7.3x AdamW's step). The draw is seeded by the size, so the time is reproducible; the results never depend
     on it.
     """
-    n = values.numel()
+    return _sample_positions(values.numel()).to(values.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(n: int) -> torch.Tensor:
+    """``_sample_index``'s positions for n entries, on CPU: the same every step (a model has a few sizes).
+    Read-only: callers only gather with it."""
     stride = _sample_stride(n)
     size = n // stride
     gen = torch.Generator().manual_seed(n)
-    index = torch.randint(stride, (size,), generator=gen).add_(torch.arange(0, size * stride, stride))
-    return index.to(values.device)
+    return torch.randint(stride, (size,), generator=gen).add_(torch.arange(0, size * stride, stride))
 
 
 def _bounds_from_sample(
@@ -437,7 +443,7 @@ def adamw_update(
             [exp_avg],
             [exp_avg_sq],
             [],
-            [torch.tensor(float(step))],
+            [_step_tensor(step)],
             lr=lr,
             beta1=beta1,
             beta2=beta2,
@@ -449,6 +455,13 @@ def adamw_update(
         return delta
     advance_moments(grad, exp_avg, exp_avg_sq, beta1, beta2)
     return adamw_direction(exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, out=out)
+
+
+@functools.lru_cache(maxsize=1)
+def _step_tensor(step: int) -> torch.Tensor:
+    """The step count as the fused kernel takes it (it reads it, never writes it): one tensor per step, not one per
+    block."""
+    return torch.tensor(float(step))
 
 
 def _fused_adamw_applies(*tensors: torch.Tensor) -> bool:
