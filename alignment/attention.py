@@ -7,6 +7,13 @@ attention computed across every pair of tokens. Here each example attends causal
 example, and no token ever sees another example. On CUDA with flash-attn installed, ``flash_attention_2``
 does the same from the same ``position_ids``.
 
+Shared prompts: a row may also hold answers that share their prompt with the example before them, the
+prompt written once (``alignment.data.collate_shared``). Such a branch is marked by its position_ids alone:
+they jump back to p (not to 0), and the branch attends to the first p tokens of the example it branches from,
+then causally to itself. Its logits equal those of the whole sequence run alone; the shared tokens are
+computed once. Flash-attn reads position_ids differently (a new example only where they restart at 0), so
+shared rows are for this implementation only.
+
 Batches with a padding mask (several rows) fall back to ordinary SDPA with that mask.
 """
 
@@ -18,13 +25,33 @@ import torch.nn.functional as F
 NAME = "packed_sdpa"
 
 
-def segment_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """[(start, end)] of the examples in a packed row: a new example starts wherever position_ids == 0."""
-    starts = torch.nonzero(position_ids == 0, as_tuple=False).flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0, *starts]
-    ends = [*starts[1:], position_ids.numel()]
-    return list(zip(starts, ends))
+def segment_plan(position_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """[(start, end, trunk_start, shared)] for the segments of a packed row, in order.
+
+    A segment starts where position_ids do not continue the previous token's: at 0 a new example starts
+    (shared = 0); at p > 0 a branch starts that attends to the ``shared = p`` tokens from ``trunk_start``, the
+    start of the last example, before itself. A row that does not start at 0 starts with an example.
+    """
+    pos = position_ids.flatten()
+    if pos.numel() == 0:
+        return []
+    breaks = (torch.nonzero(pos[1:] != pos[:-1] + 1, as_tuple=False).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*breaks, pos.numel()]
+    firsts = pos[starts].tolist()
+    plan, trunk, trunk_len = [], 0, 0
+    for i, (start, end, p) in enumerate(zip(starts, ends, firsts)):
+        if p == 0 or i == 0:
+            trunk, trunk_len = start, end - start
+            plan.append((start, end, start, 0))
+            continue
+        if p > trunk_len:
+            raise ValueError(
+                f"position_ids: a segment at token {start} continues at position {p}, but the example it "
+                f"would share its prompt with (from token {trunk}) has only {trunk_len} tokens"
+            )
+        plan.append((start, end, trunk, p))
+    return plan
 
 
 def packed_sdpa_attention(
@@ -54,17 +81,30 @@ def packed_sdpa_attention(
     if n_rep > 1:  # grouped-query attention: share each KV head across its query heads
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
+    plan = segment_plan(position_ids[0])
     # torch.split, not slicing: a slice's backward writes into a zero-filled full-size gradient, once per
     # example (quadratic in the number of examples); split's backward is one concatenation.
-    lengths = [end - start for start, end in segment_bounds(position_ids[0])]
-    outs = [
-        F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=dropout if module.training else 0.0, scale=scaling
+    lengths = [end - start for start, end, _, _ in plan]
+    qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
+    first = {start: i for i, (start, _, _, _) in enumerate(plan)}  # segment index by start token
+    p_drop = dropout if module.training else 0.0
+    outs = []
+    for i, (start, end, trunk, shared) in enumerate(plan):
+        if not shared:
+            outs.append(
+                F.scaled_dot_product_attention(
+                    qs[i], ks[i], vs[i], is_causal=True, dropout_p=p_drop, scale=scaling
+                )
+            )
+            continue
+        t = first[trunk]  # the branch sees the trunk's first `shared` keys, then itself causally
+        k = torch.cat([ks[t][:, :, :shared], ks[i]], dim=2)
+        v = torch.cat([vs[t][:, :, :shared], vs[i]], dim=2)
+        n = end - start
+        mask = torch.ones(n, shared + n, dtype=torch.bool, device=query.device).tril(diagonal=shared)
+        outs.append(
+            F.scaled_dot_product_attention(qs[i], k, v, attn_mask=mask, dropout_p=p_drop, scale=scaling)
         )
-        for q, k, v in zip(
-            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
-        )
-    ]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None  # (1, T, H, D), as transformers expects
 

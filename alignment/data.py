@@ -449,6 +449,49 @@ def collate(sequences: list[Sequence]) -> Batch:
     )
 
 
+def shared_prefix_len(trunk: list[int], seq: list[int], keep_from: int) -> int:
+    """How many leading tokens ``seq`` can take from ``trunk``: their common prefix, cut at ``keep_from``."""
+    n = 0
+    for a, b in zip(trunk, seq[:keep_from]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def collate_shared(groups: list[list[Sequence]]) -> tuple[Batch, torch.Tensor]:
+    """One padding-free row where the sequences of a group write their common prompt once.
+
+    The first sequence of a group is written whole; each later one only from where it leaves the first (its
+    position_ids continue from there: the attention of alignment/attention.py reads that as a branch sharing
+    the first one's tokens; see ``segment_plan``). A branch keeps every position that carries a label and its
+    last token, so the log-probs and the score at the last token are those of the sequence alone. Returns the
+    batch (``seq_ids`` in the order of the sequences) and each sequence's last position in the row.
+    """
+    ids, pos, labels, seq_ids, last = [], [], [], [], []
+    k = 0
+    for group in groups:
+        trunk = group[0].input_ids
+        prev_end = None  # position after the previous segment of the group: a branch must not continue it
+        for j, s in enumerate(group):
+            first_label = next((t for t, lab in enumerate(s.labels) if lab != IGNORE), len(s.input_ids) - 1)
+            keep_from = min(first_label, len(s.input_ids) - 1)
+            shared = 0 if j == 0 else shared_prefix_len(trunk, s.input_ids, keep_from)
+            if shared and shared == prev_end:  # would read as the previous branch's continuation
+                shared -= 1
+            if shared == 0:  # nothing shared: a new example, which later ones share with
+                trunk = s.input_ids
+            ids += s.input_ids[shared:]
+            labels += s.labels[shared:]
+            pos += range(shared, len(s.input_ids))
+            seq_ids += [k] * (len(s.input_ids) - shared)
+            last.append(len(ids) - 1)
+            prev_end = len(s.input_ids)
+            k += 1
+    batch = Batch(torch.tensor([ids]), torch.tensor([pos]), torch.tensor([labels]), torch.tensor(seq_ids), k)
+    return batch, torch.tensor(last)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Preference pairs
 # --------------------------------------------------------------------------------------------------------------

@@ -46,13 +46,30 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
+def supports_shared_prompts(model: nn.Module) -> bool:
+    """Whether the model's attention reads shared-prompt rows (alignment/attention.py's packed_sdpa)."""
+    from alignment.attention import NAME
+
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DDP / DeepSpeed wrappers (FSDP2 keeps the class)."""
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
 class TokenLogProbs(nn.Module):
     """forward(input_ids, position_ids, labels) -> log-probs of the labelled tokens, in order: (N,)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, share_prompt: bool | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # Rows whose answers write their common prompt once (alignment.data.collate_shared) need the packed
+        # attention that reads them; None: on exactly when the model uses it.
+        self.share_prompt = supports_shared_prompts(model) if share_prompt is None else share_prompt
         # FSDP's transformer-based auto-wrap reads the decoder-layer class names from here.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 

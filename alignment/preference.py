@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from alignment import losses as L
 from alignment.config import DataConfig, ModelConfig, TrainingConfig
-from alignment.data import IGNORE, PairSequences, collate
-from alignment.logprobs import TokenLogProbs
+from alignment.data import IGNORE, PairSequences, collate, collate_shared
+from alignment.logprobs import TokenLogProbs, unwrap
 from alignment.models import cache_dir, load_causal_lm
 from alignment.reference import cache_key, cached_reference_logps, fingerprint_model, fingerprint_pairs
 from alignment.training import print0, resolve_mixed_precision
@@ -77,8 +77,15 @@ class PairLogps:
 
 
 def pair_logps(logprob_fn, pairs: list[PairSequences], device) -> PairLogps:
-    """The 2B sequences ride in one padding-free row, ordered chosen_0, rejected_0, chosen_1, ..."""
-    batch = collate([s for p in pairs for s in (p.chosen, p.rejected)]).to(device)
+    """The 2B sequences ride in one padding-free row, ordered chosen_0, rejected_0, chosen_1, ...
+
+    With packed_sdpa attention each rejected answer shares its chosen's prompt tokens (written once: the
+    prompt's forward and backward are not done twice), with the same log-probs as two whole sequences.
+    """
+    if getattr(unwrap(logprob_fn), "share_prompt", False):
+        batch = collate_shared([[p.chosen, p.rejected] for p in pairs])[0].to(device)
+    else:
+        batch = collate([s for p in pairs for s in (p.chosen, p.rejected)]).to(device)
     token_logps = logprob_fn(batch.input_ids, batch.position_ids, batch.labels)  # (N,)
     owner = batch.seq_ids[batch.labels[0] != IGNORE]  # (N,) which sequence each labelled token belongs to
     sums = torch.zeros(2 * len(pairs), device=device, dtype=token_logps.dtype).index_add(
@@ -193,7 +200,11 @@ def build_reference(
 
 def _precompute(ref_cfg, model_cfg, tc, frozen, pairs, accelerator) -> torch.Tensor:
     """Every process computes its share, all gather, the main process writes the cache."""
-    settings = {"dtype": model_cfg.dtype, "mixed_precision": resolve_mixed_precision(tc.mixed_precision)}
+    settings = {
+        "dtype": model_cfg.dtype,
+        "mixed_precision": resolve_mixed_precision(tc.mixed_precision),
+        "share_prompt": frozen.share_prompt,  # the same log-probs to rounding, but not to the bit
+    }
     key = cache_key(fingerprint_model(frozen.model), fingerprint_pairs(pairs), settings)
     path = Path(ref_cfg.cache_dir or cache_dir() / "reference_logps") / f"{key}.pt"
 

@@ -38,10 +38,12 @@ from alignment.data import (
     DataReport,
     PairSequences,
     collate,
+    collate_shared,
     load_examples,
     normalize_preference_row,
     tokenize_pairs,
 )
+from alignment.logprobs import unwrap
 from alignment.losses import bradley_terry_loss
 from alignment.models import load_tokenizer
 from alignment.preference import PreferenceDataConfig
@@ -85,10 +87,13 @@ class RewardModelConfig:
 
 def pair_scores(scorer, pairs: list[PairSequences], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of the chosen and rejected answers of a micro-batch: two (B,) tensors."""
-    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
-    batch = collate(seqs).to(device)
-    last = torch.tensor([len(s.input_ids) for s in seqs], device=device).cumsum(0) - 1
-    scores = scorer(batch.input_ids, batch.position_ids, last)  # (2B,)
+    if getattr(unwrap(scorer), "share_prompt", False):  # each rejected answer reads its chosen's prompt
+        batch, last = collate_shared([[p.chosen, p.rejected] for p in pairs])
+    else:
+        seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
+        batch, last = collate(seqs), torch.tensor([len(s.input_ids) for s in seqs]).cumsum(0) - 1
+    batch = batch.to(device)
+    scores = scorer(batch.input_ids, batch.position_ids, last.to(device))  # (2B,)
     return scores[0::2], scores[1::2]
 
 

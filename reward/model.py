@@ -16,6 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from alignment.data import IGNORE, collate_shared, shared_prefix_len
+from alignment.data import Sequence as Tokens
+from alignment.logprobs import supports_shared_prompts
 from reward.base import Prompt, RewardOutput
 
 
@@ -30,10 +33,13 @@ class SequenceScores(nn.Module):
     input_ids / position_ids: (1, T) padding-free row; last_index: (S,) position of each sequence's last token.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, share_prompt: bool | None = None):
         super().__init__()
         self.model = model
         self._no_split_modules = getattr(model, "_no_split_modules", None)
+        # Rows of answers that write their common prompt once (alignment.data.collate_shared); None: on
+        # exactly when the model's attention reads them (packed_sdpa).
+        self.share_prompt = supports_shared_prompts(model) if share_prompt is None else share_prompt
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor
@@ -96,25 +102,39 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        """Scores in order. Answers to the same prompt next to each other (online DPO's N samples) share one
+        copy of the prompt's tokens in the packed row when the attention allows it; the scores are those of
+        each conversation alone."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         encoded = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        share = self.scores.share_prompt
         out: list[float] = []
         start = 0
         while start < len(encoded):
-            end, tokens = start, 0  # fill a padding-free row up to batch_tokens (at least one sequence)
-            while end < len(encoded) and (end == start or tokens + len(encoded[end]) <= self.batch_tokens):
-                tokens += len(encoded[end])
+            # fill a padding-free row up to batch_tokens (at least one sequence); a shared prompt counts once
+            end, tokens, groups = start, 0, []
+            while end < len(encoded):
+                same = share and groups and end > start and prompts[end] == prompts[end - 1]
+                cost = len(encoded[end]) - (
+                    shared_prefix_len(groups[-1][0], encoded[end], 10**9) if same else 0
+                )
+                if end > start and tokens + cost > self.batch_tokens:
+                    break
+                if same:
+                    groups[-1].append(encoded[end])
+                else:
+                    groups.append([encoded[end]])
+                tokens += cost
                 end += 1
-            out += self._score_row(encoded[start:end])
+            out += self._score_row(groups)
             start = end
         return out
 
-    def _score_row(self, seqs: list[list[int]]) -> list[float]:
-        ids = torch.tensor([[t for s in seqs for t in s]], device=self.device)
-        pos = torch.tensor([[i for s in seqs for i in range(len(s))]], device=self.device)
-        last = torch.tensor([len(s) for s in seqs], device=self.device).cumsum(0) - 1
-        return self.scores(ids, pos, last).tolist()
+    def _score_row(self, groups: list[list[list[int]]]) -> list[float]:
+        batch, last = collate_shared([[Tokens(s, [IGNORE] * len(s)) for s in g] for g in groups])
+        d = self.device
+        return self.scores(batch.input_ids.to(d), batch.position_ids.to(d), last.to(d)).tolist()
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], **columns) -> RewardOutput:
         try:

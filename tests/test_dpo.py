@@ -199,3 +199,37 @@ def test_merging_optimizer_refuses_lora(tmp_path):
             "optimizer.base=tiny-qwen2",
             "training.max_steps=1",
         )
+
+
+def test_pairs_share_their_prompt_with_the_log_probs_and_gradients_of_whole_sequences():
+    """Each rejected answer reads its chosen's prompt tokens (written once): the summed log-probs, the reward
+    model's scores and the gradients equal those of the 2B whole sequences."""
+    from alignment.config import ModelConfig
+    from alignment.data import DataReport, normalize_preference_row, tokenize_pair
+    from alignment.logprobs import TokenLogProbs
+    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment.preference import pair_logps
+    from alignment.reward_model import pair_scores
+    from reward.model import SequenceScores, load_reward_model
+
+    tok = load_tokenizer("tiny-qwen2")
+    pairs = [
+        tokenize_pair(tok, normalize_preference_row(row, f"row {i}"), 64, "truncate_prompt", DataReport())
+        for i, row in enumerate(PAIRS[:4])
+    ]
+    model = load_causal_lm(ModelConfig(name_or_path="tiny-qwen2"), 64, trainable=True)
+    rm, _ = load_reward_model("tiny-qwen2", trainable=True)
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        rm.zero_grad()
+        lp = pair_logps(TokenLogProbs(model, share_prompt=share), pairs, "cpu")
+        c, r = pair_scores(SequenceScores(rm, share_prompt=share), pairs, "cpu")
+        (lp.chosen.sum() - 2 * lp.rejected.sum() + c.sum() - r.sum()).backward()
+        grads = [p.grad.clone() for p in [*model.parameters(), *rm.parameters()] if p.grad is not None]
+        results.append(([lp.chosen, lp.rejected, lp.chosen_len, lp.rejected_len, c, r], grads))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

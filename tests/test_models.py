@@ -145,3 +145,75 @@ def test_smollm2_builtin_is_the_real_model():
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def _shared_groups():
+    """Two prompts, three and two answers each, labels on the answers; one answer leaves the prompt early."""
+    from alignment.data import IGNORE, Sequence
+
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(0, 151_000, (n,), generator=g).tolist()  # noqa: E731
+
+    def seq(prompt, answer):
+        ids = prompt + answer
+        return Sequence(ids, [IGNORE] * (len(prompt) - 1) + answer + [IGNORE])
+
+    p1, p2 = rand(9), rand(6)
+    return [
+        [seq(p1, rand(5)), seq(p1, rand(3)), seq(p1[:4], rand(6))],
+        [seq(p2, rand(4)), seq(p2, rand(7))],
+    ]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-qwen2-moe"])
+def test_shared_prompt_rows_give_each_sequence_its_own_logits_and_gradients(name):
+    """An answer written after its group's first sequence sees that sequence's prompt and itself, nothing else:
+    its logits, and the gradients of the summed answer log-probs, equal those of each sequence run alone."""
+    from alignment.data import IGNORE, collate, collate_shared
+    from alignment.logprobs import TokenLogProbs
+
+    model = load_causal_lm(ModelConfig(name_or_path=name), 512, trainable=True)
+    f = TokenLogProbs(model, chunk_size=8)
+    groups = _shared_groups()
+    flat = [s for grp in groups for s in grp]
+    shared, last = collate_shared(groups)
+    alone = collate(flat)
+    assert shared.num_tokens < alone.num_tokens - 10  # the prompts were written once
+    assert shared.num_labels == alone.num_labels
+    grads = []
+    for b in (shared, alone):
+        model.zero_grad()
+        lp = f(b.input_ids, b.position_ids, b.labels)
+        owner = b.seq_ids[b.labels[0] != IGNORE]
+        sums = torch.zeros(len(flat)).index_add(0, owner, lp)
+        (sums * torch.arange(1.0, len(flat) + 1)).sum().backward()
+        grads.append((sums.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # The last position of every sequence holds its last token, with its logits as when run alone.
+    with torch.no_grad():
+        logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids).logits[0]
+        for s, i in zip(flat, last.tolist()):
+            assert shared.input_ids[0, i] == s.input_ids[-1]
+            ref = model(input_ids=torch.tensor([s.input_ids])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_branch_never_reads_as_the_previous_answers_continuation():
+    """A branch that would start at the position after the previous answer's end starts one token earlier:
+    position_ids alone mark where a branch starts."""
+    from alignment.attention import segment_plan
+    from alignment.data import IGNORE, Sequence, collate_shared
+
+    a = Sequence([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 5, 6, IGNORE])
+    b = Sequence([1, 2, 9], [IGNORE, 9, IGNORE])  # shares 1 token, then positions 1-2
+    c = Sequence([1, 2, 3, 7, 8], [IGNORE, IGNORE, IGNORE, 8, IGNORE])  # 3 shared would continue b at 3
+    batch, last = collate_shared([[a, b, c]])
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 1, 2, 2, 3, 4]
+    assert batch.input_ids[0].tolist() == [1, 2, 3, 4, 5, 6, 2, 9, 3, 7, 8]
+    assert segment_plan(batch.position_ids[0]) == [(0, 6, 0, 0), (6, 8, 0, 1), (8, 11, 0, 2)]
+    assert last.tolist() == [5, 7, 10]
+    assert batch.seq_ids.tolist() == [0] * 6 + [1] * 2 + [2] * 3
+    with pytest.raises(ValueError, match="only 2 tokens"):
+        segment_plan(torch.tensor([0, 1, 5, 6]))

@@ -91,6 +91,34 @@ def test_scorer_implements_the_reward_interface(trained_rm):
     assert one_by_one == pytest.approx(scorer.score(prompts, ["x y", "No."]), abs=1e-5)
 
 
+def test_answers_to_one_prompt_share_its_tokens_and_keep_their_own_scores(trained_rm):
+    """Online DPO scores N answers per prompt: the prompt is written once per row, and every score equals the
+    one the plain transformers forward gives the whole conversation, also when a group spans two rows."""
+    from reward.model import RewardModelScorer
+
+    answers = ["Sure! Here is a short note about it: it is lovely.", "No.", "No!", "Sure.", "x y z"]
+    prompts = [p for p in MIXED_PROMPTS[:3] for _ in answers]
+    completions = answers * 3
+    for batch_tokens in (8192, 150):  # one row; several rows, a prompt's answers split between two
+        scorer = RewardModelScorer(trained_rm, batch_tokens=batch_tokens)
+        assert scorer.scores.share_prompt  # tiny-qwen2 through packed_sdpa
+        seen = []
+        forward = scorer.scores.forward
+        scorer.scores.forward = lambda ids, pos, last, seen=seen, forward=forward: (
+            seen.append(ids.shape[1]) or forward(ids, pos, last)
+        )
+        got = scorer.score(prompts, completions)
+        whole = sum(len(scorer.encode(p, c)) for p, c in zip(prompts, completions))
+        assert sum(seen) < 0.6 * whole and (len(seen) == 1) == (batch_tokens == 8192)
+        want = direct_scores(
+            trained_rm, [p + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
+        )
+        assert got == pytest.approx(want, abs=1e-5)
+    unshared = RewardModelScorer(trained_rm)
+    unshared.scores.share_prompt = False
+    assert unshared.score(prompts, completions) == pytest.approx(got, abs=1e-5)
+
+
 def direct_scores(trained_rm: str, conversations: list[list[dict]]) -> list[float]:
     """The reward model's own verdict, without reward.model: its tokenizer's chat template, one plain
     transformers forward pass per conversation, the head's output at the last token."""
