@@ -492,6 +492,17 @@ def collate_shared(groups: list[list[Sequence]]) -> tuple[Batch, torch.Tensor]:
     return batch, torch.tensor(last)
 
 
+def collate_pairs(pairs: list[PairSequences], share_prompt: bool) -> tuple[Batch, torch.Tensor]:
+    """``collate_shared`` of the pairs, ordered chosen_0, rejected_0, chosen_1, ...: each rejected answer reads
+    its chosen's prompt when ``share_prompt``, else every sequence is written whole (``collate``'s row)."""
+    groups = (
+        [[p.chosen, p.rejected] for p in pairs]
+        if share_prompt
+        else [[s] for p in pairs for s in (p.chosen, p.rejected)]
+    )
+    return collate_shared(groups)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Preference pairs
 # --------------------------------------------------------------------------------------------------------------

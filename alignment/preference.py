@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from alignment import losses as L
 from alignment.config import DataConfig, ModelConfig, TrainingConfig
-from alignment.data import IGNORE, PairSequences, collate, collate_shared
+from alignment.data import IGNORE, PairSequences, collate_pairs
 from alignment.logprobs import TokenLogProbs, unwrap
 from alignment.models import cache_dir, load_causal_lm
 from alignment.reference import cache_key, cached_reference_logps, fingerprint_model, fingerprint_pairs
@@ -82,10 +82,7 @@ def pair_logps(logprob_fn, pairs: list[PairSequences], device) -> PairLogps:
     With packed_sdpa attention each rejected answer shares its chosen's prompt tokens (written once: the
     prompt's forward and backward are not done twice), with the same log-probs as two whole sequences.
     """
-    if getattr(unwrap(logprob_fn), "share_prompt", False):
-        batch = collate_shared([[p.chosen, p.rejected] for p in pairs])[0].to(device)
-    else:
-        batch = collate([s for p in pairs for s in (p.chosen, p.rejected)]).to(device)
+    batch = collate_pairs(pairs, getattr(unwrap(logprob_fn), "share_prompt", False))[0].to(device)
     token_logps = logprob_fn(batch.input_ids, batch.position_ids, batch.labels)  # (N,)
     owner = batch.seq_ids[batch.labels[0] != IGNORE]  # (N,) which sequence each labelled token belongs to
     sums = torch.zeros(2 * len(pairs), device=device, dtype=token_logps.dtype).index_add(

@@ -37,8 +37,7 @@ from alignment.config import (
 from alignment.data import (
     DataReport,
     PairSequences,
-    collate,
-    collate_shared,
+    collate_pairs,
     load_examples,
     normalize_preference_row,
     tokenize_pairs,
@@ -87,11 +86,7 @@ class RewardModelConfig:
 
 def pair_scores(scorer, pairs: list[PairSequences], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of the chosen and rejected answers of a micro-batch: two (B,) tensors."""
-    if getattr(unwrap(scorer), "share_prompt", False):  # each rejected answer reads its chosen's prompt
-        batch, last = collate_shared([[p.chosen, p.rejected] for p in pairs])
-    else:
-        seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
-        batch, last = collate(seqs), torch.tensor([len(s.input_ids) for s in seqs]).cumsum(0) - 1
+    batch, last = collate_pairs(pairs, getattr(unwrap(scorer), "share_prompt", False))
     batch = batch.to(device)
     scores = scorer(batch.input_ids, batch.position_ids, last.to(device))  # (2B,)
     return scores[0::2], scores[1::2]

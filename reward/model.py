@@ -115,16 +115,15 @@ class RewardModelScorer:
             # fill a padding-free row up to batch_tokens (at least one sequence); a shared prompt counts once
             end, tokens, groups = start, 0, []
             while end < len(encoded):
-                same = share and groups and end > start and prompts[end] == prompts[end - 1]
-                cost = len(encoded[end]) - (
-                    shared_prefix_len(groups[-1][0], encoded[end], 10**9) if same else 0
-                )
+                seq = encoded[end]
+                same = share and end > start and prompts[end] == prompts[end - 1]
+                cost = len(seq) - (shared_prefix_len(groups[-1][0], seq, len(seq) - 1) if same else 0)
                 if end > start and tokens + cost > self.batch_tokens:
                     break
                 if same:
-                    groups[-1].append(encoded[end])
+                    groups[-1].append(seq)
                 else:
-                    groups.append([encoded[end]])
+                    groups.append([seq])
                 tokens += cost
                 end += 1
             out += self._score_row(groups)
