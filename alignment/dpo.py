@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     print0(accelerator, f"[data] {len(pairs)} pairs, {len(plan)} optimizer steps")
 
     model = load_causal_lm(cfg.model, cfg.data.max_length)
+    rows = [i for batch in plan.global_batches for i in batch]  # the pairs this run trains on
     reference = build_reference(
-        cfg.reference, cfg.loss, cfg.model, cfg.data.max_length, tc, accelerator, pairs=pairs
+        cfg.reference, cfg.loss, cfg.model, cfg.data.max_length, tc, accelerator, pairs=pairs, rows=rows
     )
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))

@@ -15,6 +15,7 @@ previous step (online only: a frozen copy refreshed from the policy after each o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -131,7 +132,11 @@ class Reference:
 
     def logps(self, pairs: list[PairSequences], idxs: list[int] | None, policy, accelerator, like):
         if self.mode == "precomputed":
-            ref = self.table[idxs].to(accelerator.device, like.dtype)
+            ref = self.table[idxs]
+            if ref.isnan().any():  # a row the precompute skipped: the run's plan and the table disagree
+                missing = [i for i, r in zip(idxs, ref) if r.isnan().any()]
+                raise RuntimeError(f"reference log-probs of pairs {missing[:5]} were not precomputed")
+            ref = ref.to(accelerator.device, like.dtype)
             return ref[:, 0], ref[:, 1]
         if self.mode == "none":
             return torch.zeros_like(like), torch.zeros_like(like)
@@ -174,8 +179,10 @@ def build_reference(
     tc: TrainingConfig,
     accelerator,
     pairs: list[PairSequences] | None = None,
+    rows: list[int] | None = None,
 ) -> Reference:
-    """The reference a recipe asks for. ``pairs`` (offline) are needed for ``precomputed`` only."""
+    """The reference a recipe asks for. ``pairs`` (offline) are needed for ``precomputed`` only; ``rows``: the
+    pairs the run trains on (None: all), the only ones ``precomputed`` scores."""
     mode = resolve_reference_mode(ref_cfg, loss_cfg, model_cfg)
     if mode in ("none", "lora_base"):
         return Reference(mode)
@@ -192,21 +199,27 @@ def build_reference(
     frozen = TokenLogProbs(ref.to(accelerator.device), tc.logits_chunk_size)
     if mode in ("model", "previous"):
         return Reference(mode, frozen=frozen)
-    return Reference(mode, table=_precompute(ref_cfg, model_cfg, tc, frozen, pairs, accelerator))
+    return Reference(mode, table=_precompute(ref_cfg, model_cfg, tc, frozen, pairs, accelerator, rows))
 
 
-def _precompute(ref_cfg, model_cfg, tc, frozen, pairs, accelerator) -> torch.Tensor:
-    """Every process computes its share, all gather, the main process writes the cache."""
+def _precompute(ref_cfg, model_cfg, tc, frozen, pairs, accelerator, rows=None) -> torch.Tensor:
+    """Every process computes its share, all gather, the main process writes the cache.
+
+    Only the pairs in ``rows`` are scored (a run cut short by ``training.max_steps`` trains on a few of them);
+    the other rows of the table are NaN, and a subset is part of the cache key."""
+    rows = sorted(set(range(len(pairs)) if rows is None else rows))
     settings = {
         "dtype": model_cfg.dtype,
         "mixed_precision": resolve_mixed_precision(tc.mixed_precision),
         "share_prompt": frozen.share_prompt,  # the same log-probs to rounding, but not to the bit
     }
+    if len(rows) < len(pairs):
+        settings["rows"] = rows
     key = cache_key(fingerprint_model(frozen.model), fingerprint_pairs(pairs), settings)
     path = Path(ref_cfg.cache_dir or cache_dir() / "reference_logps") / f"{key}.pt"
 
     def compute() -> torch.Tensor:
-        mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+        mine = rows[accelerator.process_index :: accelerator.num_processes]
         out = []
         bs = tc.per_device_batch_size
         for s in tqdm(
@@ -216,7 +229,7 @@ def _precompute(ref_cfg, model_cfg, tc, frozen, pairs, accelerator) -> torch.Ten
             with torch.no_grad(), accelerator.autocast():
                 lp = pair_logps(frozen, [pairs[i] for i in idx], accelerator.device)
             out += [(i, float(a), float(b)) for i, a, b in zip(idx, lp.chosen, lp.rejected)]
-        table = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        table = torch.full((len(pairs), 2), math.nan, dtype=torch.float64)
         for i, a, b in gather_object(out):
             table[i] = torch.tensor([a, b], dtype=torch.float64)
         return table

@@ -125,9 +125,39 @@ def test_reference_cache_reused_rebuilt_on_new_key_and_on_damage(tmp_path, capsy
     assert load_and_check(files[0])
 
 
-def load_and_check(path: Path) -> bool:
-    blob = torch.load(path, weights_only=True)
-    return blob["logps"].shape == (len(PAIRS), 2) and torch.isfinite(blob["logps"]).all().item()
+def load_and_check(path: Path, filled: int = 4) -> bool:
+    """A table of every pair whose first ``filled`` rows in training order hold log-probs, the others NaN
+    (``training.max_steps=1`` x 4 pairs: the run scores the 4 pairs it trains on)."""
+    logps = torch.load(path, weights_only=True)["logps"]
+    rows = torch.isfinite(logps).all(dim=1)
+    return (
+        logps.shape == (len(PAIRS), 2)
+        and int(rows.sum()) == filled
+        and bool((logps[rows] < 0).all())
+        and bool(logps[~rows].isnan().all())
+    )
+
+
+def test_a_run_cut_short_precomputes_only_the_pairs_it_trains_on(tmp_path):
+    """``training.max_steps=1`` trains on 4 of the 8 pairs: only those are scored, under their own cache key,
+    with the same numbers as a run that scores every pair; a row the table lacks is refused, never read as 0."""
+    from alignment.preference import Reference
+
+    short = run_dpo(tmp_path, "short", "training.max_steps=1", cache=tmp_path / "short-cache")
+    full = run_dpo(tmp_path, "full", "training.max_steps=2", cache=tmp_path / "full-cache")  # 8 = every pair
+    (short_file,), (full_file,) = (list((tmp_path / c).glob("*.pt")) for c in ("short-cache", "full-cache"))
+    assert short_file.name != full_file.name  # a subset is its own key: a longer run never reads its NaNs
+    assert load_and_check(short_file, filled=4) and load_and_check(full_file, filled=8)
+    short_table = torch.load(short_file, weights_only=True)["logps"]
+    full_table = torch.load(full_file, weights_only=True)["logps"]
+    rows = torch.isfinite(short_table).all(dim=1)
+    torch.testing.assert_close(short_table[rows], full_table[rows])
+    assert read_metrics(short)[0]["loss"] == pytest.approx(read_metrics(full)[0]["loss"], rel=1e-6)
+
+    ref = Reference("precomputed", table=short_table)
+    missing = int(torch.nonzero(~rows)[0])
+    with pytest.raises(RuntimeError, match=rf"pairs \[{missing}\] were not precomputed"):
+        ref.logps([], [missing], None, None, torch.zeros(1))
 
 
 def test_reference_cache_rejects_numbers_changed_behind_its_checksum(tmp_path):
