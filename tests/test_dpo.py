@@ -126,7 +126,7 @@ def test_reference_cache_reused_rebuilt_on_new_key_and_on_damage(tmp_path, capsy
 
 
 def load_and_check(path: Path, filled: int = 4) -> bool:
-    """A table of every pair whose first ``filled`` rows in training order hold log-probs, the others NaN
+    """A table of every pair in which ``filled`` rows hold log-probs and the others are NaN
     (``training.max_steps=1`` x 4 pairs: the run scores the 4 pairs it trains on)."""
     logps = torch.load(path, weights_only=True)["logps"]
     rows = torch.isfinite(logps).all(dim=1)
