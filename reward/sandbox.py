@@ -18,8 +18,9 @@ Nothing here runs model code in the trainer's process. Each run gets, in this or
 - an unprivileged user: as root, the program runs as a uid of its own, with no supplementary groups and
   ``no_new_privs`` set (setuid binaries give nothing). Root ignores RLIMIT_NPROC, so this drop is what makes
   the process limit bite; and since the kernel counts RLIMIT_NPROC per uid, each concurrent run gets its
-  own uid from a pool (``run_as_uid`` .. ``run_as_uid + uid_pool_size - 1``, ids no account uses), so a
-  fork bomb in one run cannot make ``fork`` fail in another. Without root, the user namespace's root has
+  own uid from a pool (``run_as_uid`` .. ``run_as_uid + uid_pool_size - 1``, ids no account uses) shared by
+  every process on the machine (a lock file per uid), so a fork bomb in one run cannot make ``fork`` fail in
+  another, in this process or any other. Without root, the user namespace's root has
   every capability dropped instead (it could otherwise undo the mounts);
 - no Unix-domain sockets: a seccomp filter makes ``socket(AF_UNIX, ...)``, datagram ``socketpair`` and
   io_uring fail with EPERM. A network namespace does not cover path-bound sockets (a read-only mount does
@@ -674,24 +675,58 @@ def _make_dirs(config: SandboxConfig, job: SandboxJob, uid: int | None) -> tuple
 
 
 class _UidPool:
-    """Hands each concurrent run a uid no other run holds (process-wide, across Sandbox instances)."""
+    """Hands each concurrent run a uid no other run holds, on this whole machine.
 
-    def __init__(self) -> None:
-        self._busy: set[int] = set()
+    Within the process a condition guards the set of busy uids (the worker threads of ``run_many`` and every
+    ``Sandbox`` instance share it). Across processes (two trainers of a data-parallel launch, a test suite on
+    two workers, two users' jobs as root) each held uid is also an exclusive ``flock`` on its own file in
+    ``lock_dir``, taken without blocking and held for the run; the kernel drops it when the holder exits,
+    even by SIGKILL. A per-process pool alone would hand the same first uid to every process, so their runs
+    would share one RLIMIT_NPROC budget and a fork bomb in one could make ``fork`` fail in another.
+    """
+
+    def __init__(self, lock_dir: str | os.PathLike | None = None) -> None:
+        self._busy: dict[int, int] = {}  # uid -> the fd holding its lock
         self._cond = threading.Condition()
+        self._lock_dir = lock_dir
+
+    def _dir(self) -> str:
+        path = os.fspath(self._lock_dir or os.path.join(tempfile.gettempdir(), "alignment-sandbox-uids"))
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"sandbox: cannot create the uid lock folder {path}: {e}") from e
+        return path
+
+    def _try_lock(self, folder: str, uid: int) -> int | None:
+        import fcntl
+
+        fd = os.open(os.path.join(folder, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def acquire(self, first: int, size: int) -> int:
+        folder = self._dir()
         with self._cond:
             while True:
-                free = next((u for u in range(first, first + size) if u not in self._busy), None)
-                if free is not None:
-                    self._busy.add(free)
-                    return free
-                self._cond.wait()
+                for uid in range(first, first + size):
+                    if uid not in self._busy and (fd := self._try_lock(folder, uid)) is not None:
+                        self._busy[uid] = fd
+                        return uid
+                # Every uid is held, here or by another process (which cannot notify us): look again soon.
+                self._cond.wait(timeout=0.05)
 
     def release(self, uid: int) -> None:
         with self._cond:
-            self._busy.discard(uid)
+            fd = self._busy.pop(uid, None)
+            if fd is not None:
+                os.close(
+                    fd
+                )  # drops the flock (a child forked meanwhile closes its copy: O_CLOEXEC, close_fds)
             self._cond.notify()
 
 

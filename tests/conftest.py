@@ -77,6 +77,16 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now. Launches pass one each: the suite runs on two workers (pytest-xdist),
+    and two launches on accelerate's default port 29500 at once would meet in one process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_two_processes(script: str, recipe: str, overrides: list[str], output_dir) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU), one thread each; fails with its stderr."""
     import subprocess
@@ -84,7 +94,8 @@ def launch_two_processes(script: str, recipe: str, overrides: list[str], output_
 
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no",
         str(REPO / script), str(REPO / recipe), *overrides, f"training.output_dir={output_dir}",
     ]  # fmt: skip
     proc = subprocess.run(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from alignment.dpo import main as dpo_main
-from tests.conftest import REPO, read_metrics, reset_accelerate, write_jsonl
+from tests.conftest import REPO, free_port, read_metrics, reset_accelerate, write_jsonl
 
 PAIRS = [
     {
@@ -68,8 +68,8 @@ def launch_two(overrides: list[str], output_dir: Path) -> str:
     """``accelerate launch --multi_gpu --num_processes 2`` of alignment/dpo.py (gloo on CPU); its stdout."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "alignment/dpo.py"), str(REPO / "recipes/dpo.yaml"), *overrides,
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(REPO / "alignment/dpo.py"), str(REPO / "recipes/dpo.yaml"), *overrides,
         f"training.output_dir={output_dir}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -39,6 +39,7 @@ from data_synthesis.label_studio import (
     render_prompt,
     to_tasks,
 )
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -557,17 +558,11 @@ def ensure_label_studio_venv() -> Path:
     return LS_VENV / "bin" / "label-studio"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def label_studio_server(tmp_path):
     """A fresh Label Studio on SQLite in tmp_path, with a preset user and legacy API token; yields (url, token)."""
     exe = ensure_label_studio_venv()
-    port, token = _free_port(), "test-token-0123456789abcdef0123456789"
+    port, token = free_port(), "test-token-0123456789abcdef0123456789"
     data_dir = tmp_path / "ls-data"
     data_dir.mkdir()
     env = {

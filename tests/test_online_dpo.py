@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alignment.config import ConfigError
-from tests.conftest import REPO, read_metrics, reset_accelerate, write_jsonl
+from tests.conftest import REPO, free_port, read_metrics, reset_accelerate, write_jsonl
 
 TRAIN = [{"prompt": f"Write a short sentence about the number {i}.", "answer": str(i)} for i in range(40)]
 HELD_OUT = [{"prompt": f"Describe a colour you like, number {i}.", "answer": str(i)} for i in range(12)]
@@ -222,21 +222,13 @@ def test_resume_after_sigkill_continues_prompts_optimizer_and_engine(tmp_path):
     assert resumed and resumed[-1]["sampling/logp_difference"] < 1e-3
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_two_steps_against_a_separate_vllm_server(tmp_path, tiny_qwen2):
     """`vllm serve` in its own process on 127.0.0.1; weights pushed through a folder and /collective_rpc."""
     from alignment.generation import wait_for_server
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
         # `vllm serve` itself: the `vllm` command of the vllm-cpu package fails on its own version lookup

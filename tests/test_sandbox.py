@@ -664,6 +664,49 @@ def test_concurrent_runs_get_their_own_uid(sandbox):
     )
 
 
+HOLD_A_UID = """
+import sys, time
+from reward.sandbox import _UidPool
+pool = _UidPool(lock_dir=sys.argv[1])
+print(pool.acquire(int(sys.argv[2]), int(sys.argv[3])), flush=True)
+time.sleep(float(sys.argv[4]))
+"""
+
+
+def test_the_uid_pool_is_machine_wide_another_process_never_gets_a_held_uid(tmp_path):
+    """Two processes (two trainers, two test workers) draw from one pool: a held uid is skipped, and it is
+    free again once its holder ends (the kernel drops the lock even on SIGKILL)."""
+    pool = sandbox_module._UidPool(lock_dir=tmp_path)
+
+    def other(size: int, hold_s: float = 0.0) -> subprocess.Popen:
+        cmd = [sys.executable, "-c", HOLD_A_UID, str(tmp_path), "5000", str(size), str(hold_s)]
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+    mine = pool.acquire(5000, 2)
+    assert mine == 5000
+    proc = other(2)
+    assert int(proc.stdout.readline()) == 5001 and proc.wait() == 0
+    pool.release(mine)
+    proc = other(1, hold_s=60)  # holds 5000 until killed
+    assert int(proc.stdout.readline()) == 5000
+    assert pool.acquire(5000, 2) == 5001
+    proc.kill()
+    proc.wait()
+    assert pool.acquire(5000, 1) == 5000  # waits for, then takes, the uid the killed process held
+
+
+def test_runs_in_two_processes_get_their_own_uid(sandbox):
+    _needs("uid_drop")  # root only
+    program = "import os, time\ntime.sleep(1.5)\nprint(os.getuid())"
+    code = f"from reward.sandbox import Sandbox\nprint(Sandbox().run({program!r}).stdout.strip())"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the runs overlap: each sleeps 1.5 s inside the sandbox
+    here = sandbox.run(program, timeout_s=10)
+    there, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and here.status is Status.PASSED
+    assert int(here.stdout) != int(there.strip().splitlines()[-1])
+
+
 def test_fork_bomb_does_not_starve_a_concurrent_run(sandbox):
     # RLIMIT_NPROC counts per uid: with one shared uid the bomb would make this run's fork fail.
     _needs("uid_drop")  # without root every run has one uid, so concurrent runs share the process budget

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from alignment.config import SchedulerConfig
 from alignment.sft import main as sft_main
 from alignment.training import lr_factor
-from tests.conftest import REPO, launch_two_processes, read_metrics, reset_accelerate, write_jsonl
+from tests.conftest import REPO, free_port, launch_two_processes, read_metrics, reset_accelerate, write_jsonl
 
 ROWS = [
     {
@@ -200,7 +200,8 @@ def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
     two = tmp_path / "two"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+        str(REPO / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
+        "--mixed_precision", "no",
         str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"), *common,
         "training.gradient_accumulation_steps=2", f"training.output_dir={two}",
     ]  # fmt: skip
@@ -217,7 +218,6 @@ def test_two_machines_on_localhost_match_one_process(tmp_path):
     --machine_rank {0,1} --main_process_ip 127.0.0.1` per rank, one process each (gloo on CPU). The losses and
     weights are those of 1 process with the same global batch."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -225,9 +225,7 @@ def test_two_machines_on_localhost_match_one_process(tmp_path):
     common = _data_parallel_overrides(data)
     one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
     two = tmp_path / "two"
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
 
     def launch(rank: int) -> subprocess.Popen:
         cmd = [
