@@ -93,14 +93,19 @@ chain-rs:  ## the chain on rejection-sampled pairs beside the shipped ones (reus
 chain-smoke:  ## the chain on tiny-qwen2, two steps a stage, no evaluation (about a minute) -> outputs/chain-smoke
 	$(PY) -m alignment.chain recipes/chain_smoke.yaml $(ARGS)
 
+# Two pytest-xdist workers (the CI machine has 2 cores; much of a test is one-core Python: imports, engine
+# start-up, tokenizing), each taking whole modules, heaviest first (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
 test:  ## every test (CI runs this through .ci/run)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast:  ## the fast tier only (skips tests marked slow)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow:  ## only the slow tier (real SmolLM2 runs)
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 lint:  ## ruff format check and lint
 	$(BIN)/ruff format --check .

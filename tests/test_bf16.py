@@ -51,10 +51,11 @@ def test_sft_bf16_first_loss_is_close_to_fp32(tmp_path):
 
 
 def test_dpo_bf16_first_loss_is_close_to_fp32(tmp_path, perturbed_qwen2):
-    """Against a perturbed reference, so the first step's margins are not exactly 0 in both precisions."""
+    """Against a perturbed reference, so the first step's margins are not exactly 0 in both precisions; scored
+    live (``reference.mode=model``), so the policy and the reference both run under the setting."""
     from tests.test_dpo import run_dpo
 
-    args = ("training.max_steps=1", f"reference.name_or_path={perturbed_qwen2}")
+    args = ("training.max_steps=1", f"reference.name_or_path={perturbed_qwen2}", "reference.mode=model")
     fp32 = run_dpo(tmp_path, "fp32", *args)
     bf16 = run_dpo(tmp_path, "bf16", *args, "training.mixed_precision=bf16")
     assert abs(first_loss(fp32) - math.log(2)) > 0.01  # the reference is really not the policy
