@@ -386,7 +386,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # The sampler starts from the start model's files; a resumed run pushes the resumed weights into it.
     generator = make_generator(
-        cfg.generation, resolve_model(cfg.model.name_or_path), tokenizer, cfg.model.dtype
+        cfg.generation,
+        resolve_model(cfg.model.name_or_path),
+        tokenizer,
+        cfg.model.dtype,
+        engine_tokenizer=bool(cfg.sampling.stop),  # stop strings need the engine's own tokenizer
     )
     print0(accelerator, f"[generation] backend {generator.name}")
     if start:

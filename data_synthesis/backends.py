@@ -88,7 +88,10 @@ class LocalBackend(Backend):
 
             print(f"[synthesis] loading {self.cfg.model} ({self.cfg.generation.backend})", flush=True)
             self._tokenizer = load_tokenizer(self.path)
-            self._generator = make_generator(self.cfg.generation, self.path, self._tokenizer, self.cfg.dtype)
+            # The engine's own tokenizer: synthesis asks for JSON-schema outputs and stop strings.
+            self._generator = make_generator(
+                self.cfg.generation, self.path, self._tokenizer, self.cfg.dtype, engine_tokenizer=True
+            )
         ids = [encode_prompt(self._tokenizer, c) for c in conversations]
         limit = self.cfg.generation.max_model_len - sampling.max_new_tokens
         too_long = [i for i, p in enumerate(ids) if len(p) > limit]

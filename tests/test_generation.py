@@ -111,3 +111,32 @@ def test_greedy_transformers_answers_are_deterministic_and_marked_finished_or_cl
     assert a[0].token_ids == a[1].token_ids
     assert all(c.finished == (c.token_ids[-1] in generator.stop_ids) for c in a)
     assert all(len(c.token_ids) == 6 for c in a if not c.finished)
+
+
+@pytest.mark.vllm
+def test_an_engine_without_its_tokenizer_gives_vllms_own_text(tiny_qwen2, qwen_tokenizer):
+    """The engine starts without a tokenizer (faster) and the answers are decoded here: the text must be what
+    vLLM's own detokenizer gives, answer for answer. tiny-qwen2's random answers are the hard case: characters
+    of several bytes split across tokens and cut off by max_new_tokens, where a whole-sequence decode differs."""
+    prompts = [
+        encode_prompt(qwen_tokenizer, [{"role": "user", "content": f"Say a word about {i}."}])
+        for i in range(16)
+    ]
+    runs = {}
+    for engine_tokenizer in (True, False):
+        gen = make_generator(GenerationConfig(backend="vllm", max_model_len=256, kv_cache_gib=1), tiny_qwen2,
+                             qwen_tokenizer, "float32", engine_tokenizer=engine_tokenizer)  # fmt: skip
+        try:
+            answers = gen.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=24))
+            runs[engine_tokenizer] = [c for per_prompt in answers for c in per_prompt]
+            if not engine_tokenizer:
+                with pytest.raises(ValueError, match="stop strings need it"):
+                    gen.generate(prompts[:1], 1, SamplingConfig(stop=["."]))
+        finally:
+            gen.close()
+    theirs, ours = runs[True], runs[False]
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]  # one seed: the same samples
+    assert [c.text for c in ours] == [c.text for c in theirs]
+    assert [c.finished for c in ours] == [c.finished for c in theirs]
+    whole = [qwen_tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in theirs]
+    assert sum(w != c.text for w, c in zip(whole, theirs)) > 0  # a plain decode would fail the check above

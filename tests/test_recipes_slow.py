@@ -49,9 +49,13 @@ def test_dpo_recipe_from_the_sft_output(sft_out, tmp_path):
           "logging.progress_bar=false", f"training.output_dir={tmp_path / 'dpo'}"])  # fmt: skip
     m = read_metrics(tmp_path / "dpo")
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts as its reference
-    # A policy that did not move keeps the loss at log 2 and the margin at 0 on every step. Measured on the
-    # full run: steps 3-4 at 0.692 / 0.691, margins 0.002 to 0.004, all positive.
-    assert m[-1]["loss"] < math.log(2) - 5e-4 and m[-1]["rewards/margins"] > 5e-4, m[-1]
+    # A policy that did not move keeps the loss at log 2 and the margin at 0 on every step. Each step's figures
+    # are on that step's new pairs, before its update, so one step is noise (step 4 here: margin -0.009); the
+    # mean of steps 2-4 is the check. Measured from the 512-token SFT fixture: losses 0.6931 / 0.6815 / 0.6976,
+    # margins 0.0002 / 0.0236 / -0.0088 (means 0.6907 and 0.0050).
+    later = m[1:]
+    assert sum(x["loss"] for x in later) / len(later) < math.log(2) - 1e-3, later
+    assert sum(x["rewards/margins"] for x in later) / len(later) > 1e-3, later
 
 
 def test_reward_recipe_on_smollm2(tmp_path):
