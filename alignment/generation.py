@@ -35,6 +35,7 @@ the engine samples from the weights it was last given (online DPO logs the diffe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -179,16 +180,23 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gib))))
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=True,
-            seed=cfg.seed,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_prefix_caching=True,
-            skip_tokenizer_init=not engine_tokenizer,
-        )
+        quiet = _WarmupWithoutTokenizer() if not engine_tokenizer else None
+        if quiet:
+            logging.getLogger("vllm.renderers.base").addFilter(quiet)
+        try:
+            self.llm = LLM(
+                model=model_path,
+                dtype=dtype,
+                max_model_len=cfg.max_model_len,
+                enforce_eager=True,
+                seed=cfg.seed,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                enable_prefix_caching=True,
+                skip_tokenizer_init=not engine_tokenizer,
+            )
+        finally:
+            if quiet:
+                logging.getLogger("vllm.renderers.base").removeFilter(quiet)
         self.engine_tokenizer = engine_tokenizer
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its threads: the
         # engine and the training steps between samplings share the thread count this process started with.
@@ -273,7 +281,23 @@ class VLLMGenerator:
         return [lp[t][seq[t]].logprob for t in range(len(prompt_ids), len(seq))]
 
     def close(self) -> None:
-        del self.llm
+        """Shut the engine down now: its distributed state (vLLM's world group, torch.distributed's default
+        group) goes with it, whoever still holds a reference to the engine. Left to the garbage collector, a
+        later ``accelerator.end_training()`` destroyed the default group under a live world group, and the next
+        engine in the process failed to start ("not initialized in the world group map")."""
+        llm = self.__dict__.pop("llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+
+class _WarmupWithoutTokenizer(logging.Filter):
+    """``LLM()`` warms up a chat template, which needs the tokenizer the engine was started without: vLLM logs
+    "Chat template warmup failed" with a traceback on every start. Dropped while such an engine starts: the
+    record's traceback held the frames of ``LLM.__init__`` (the engine) for as long as a handler kept it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -140,3 +140,38 @@ def test_an_engine_without_its_tokenizer_gives_vllms_own_text(tiny_qwen2, qwen_t
     assert [c.finished for c in ours] == [c.finished for c in theirs]
     whole = [qwen_tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in theirs]
     assert sum(w != c.text for w, c in zip(whole, theirs)) > 0  # a plain decode would fail the check above
+
+
+@pytest.mark.vllm
+def test_a_closed_engine_takes_its_distributed_state_with_it(tiny_qwen2, qwen_tokenizer):
+    """An in-process run ends with accelerate's ``end_training``, which destroys torch.distributed's default
+    group. A closed engine that something still referenced kept vLLM's world group, and the next engine in the
+    process failed to start ("not initialized in the world group map"). In CI a kept log record held it: the
+    start-up warning's traceback. ``close`` shuts the engine down whoever holds it, and that warning is gone."""
+    import logging
+
+    import torch.distributed as dist
+    from vllm.distributed import parallel_state
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vllm.renderers.base").addHandler(handler)
+    try:
+        cfg = GenerationConfig(backend="vllm", max_model_len=256, kv_cache_gib=1)
+        gen = make_generator(cfg, tiny_qwen2, qwen_tokenizer, "float32")
+        held = gen.llm  # what a kept traceback did
+        gen.close()
+        assert parallel_state._WORLD is None and not dist.is_initialized()
+        assert not any(r.exc_info for r in records), [r.getMessage() for r in records]
+        if dist.is_initialized():  # what end_training does
+            dist.destroy_process_group()
+        gen = make_generator(cfg, tiny_qwen2, qwen_tokenizer, "float32")
+        try:
+            ids = encode_prompt(qwen_tokenizer, PROMPT)
+            assert gen.generate([ids], 1, SamplingConfig(max_new_tokens=4))[0][0].token_ids
+        finally:
+            gen.close()
+        del held
+    finally:
+        logging.getLogger("vllm.renderers.base").removeHandler(handler)
