@@ -252,10 +252,12 @@ class VLLMGenerator:
         multi-byte character cut off by ``max_new_tokens`` gives nothing (a whole decode would give U+FFFD)."""
         from tokenizers.decoders import DecodeStream
 
-        backend = self.tokenizer._tokenizer
-        stream = DecodeStream(ids=list(prompt), skip_special_tokens=True)
         if finished and ids and ids[-1] in self.stop_ids:
             ids = ids[:-1]
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer has no DecodeStream: one whole decode
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        stream = DecodeStream(ids=list(prompt), skip_special_tokens=True)
         parts = []
         for token in ids:
             try:

@@ -175,3 +175,18 @@ def test_a_closed_engine_takes_its_distributed_state_with_it(tiny_qwen2, qwen_to
         del held
     finally:
         logging.getLogger("vllm.renderers.base").removeHandler(handler)
+
+
+def test_answers_of_a_slow_tokenizer_are_decoded_whole_without_the_stop_token(qwen_tokenizer):
+    from alignment.generation import VLLMGenerator
+
+    class Slow:  # a Python tokenizer: no Rust backend (``_tokenizer``) to stream from
+        def decode(self, ids, skip_special_tokens):
+            return qwen_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    gen = object.__new__(VLLMGenerator)
+    gen.tokenizer, gen.stop_ids = Slow(), [qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    ids = qwen_tokenizer("Forty-two.", add_special_tokens=False).input_ids
+    assert gen._decode([1, 2], ids + gen.stop_ids, finished=True) == "Forty-two."
+    gen.tokenizer = qwen_tokenizer  # the streaming path gives the same here
+    assert gen._decode([1, 2], ids + gen.stop_ids, finished=True) == "Forty-two."
