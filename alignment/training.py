@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -56,8 +57,6 @@ def make_accelerator(tc: TrainingConfig):
     config) only form a process group when Accelerator is told ``cpu=True``; otherwise each one silently trains
     alone with world size 1. We set it, and refuse to run if the launcher's world size was still lost.
     """
-    import os
-
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -72,9 +71,10 @@ def make_accelerator(tc: TrainingConfig):
         print(f"[train] mixed_precision auto -> {precision}", flush=True)
     if not torch.cuda.is_available():
         # `accelerate launch` pins each CPU process to one thread (OMP_NUM_THREADS=1): on a CPU machine that
-        # leaves cores idle. Share them among this machine's processes instead.
+        # leaves cores idle. Share them among this machine's processes instead: the cores this process may run
+        # on (taskset, a container's cpuset), not every core of the host.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(max(1, usable_cpus() // local))
     if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         # Accelerator(cpu=True) turns an FSDP launch config into MULTI_CPU: plain data parallel over gloo.
         print0(
@@ -90,6 +90,13 @@ def make_accelerator(tc: TrainingConfig):
             "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or a recipes/accelerate config"
         )
     return accelerator
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one, else every CPU."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def print0(accelerator, *args) -> None:

@@ -9,6 +9,32 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _pin_this_worker() -> None:
+    """Give each pytest-xdist worker its own share of this process's CPUs (2 workers on 2 cores: one core each).
+
+    Unpinned, each worker's torch (and vLLM, and every process a test launches) takes every core, and two
+    workers' thread pools fight over them: two SmolLM2 training loops side by side took 334 s each with 2
+    threads apiece, 112 s each pinned to a core with 1 thread (57 s for one alone), on a 2-core AVX2 EPYC.
+    The affinity is inherited by threads and child processes; torch, vLLM and alignment.training size their
+    thread pools from it."""
+    worker, count = (
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")),
+    )
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // count
+    if share < 1:
+        return
+    i = int(worker.removeprefix("gw"))
+    os.sched_setaffinity(0, cpus[i * share : (i + 1) * share])
+    os.environ["OMP_NUM_THREADS"] = str(share)
+
+
+_pin_this_worker()
+
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 

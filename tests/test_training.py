@@ -1,6 +1,12 @@
-"""training.mixed_precision: auto follows the hardware (bf16 only where it is fast)."""
+"""training.mixed_precision: auto follows the hardware (bf16 only where it is fast); CPU threads follow the usable cores."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
 
 from alignment.training import cpu_has_fast_bf16, resolve_mixed_precision
 
@@ -22,3 +28,26 @@ def test_auto_follows_the_cpu_and_explicit_choices_stay():
     assert resolve_mixed_precision("auto", EPYC_AVX2, cuda=False) == "no"
     assert resolve_mixed_precision("bf16", EPYC_AVX2, cuda=False) == "bf16"
     assert resolve_mixed_precision("no", EPYC_BF16, cuda=False) == "no"
+
+
+def test_cpu_threads_follow_the_cores_this_process_may_use():
+    """A process pinned to one core (taskset, a container's cpuset, a pytest-xdist worker) trains with one
+    thread: counting every core of the host put two thread pools on each core, 3x slower."""
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs at least two usable CPUs to pin a process to one of them")
+    one = min(os.sched_getaffinity(0))
+    code = (
+        "import torch; torch.set_num_threads(7)\n"
+        "from alignment.config import TrainingConfig\n"
+        "from alignment.training import make_accelerator\n"
+        "make_accelerator(TrainingConfig()); print(torch.get_num_threads())"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one}),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1", out.stdout
