@@ -94,7 +94,8 @@ chain-smoke:  ## the chain on tiny-qwen2, two steps a stage, no evaluation (abou
 	$(PY) -m alignment.chain recipes/chain_smoke.yaml $(ARGS)
 
 # Two pytest-xdist workers (the CI machine has 2 cores; much of a test is one-core Python: imports, engine
-# start-up, tokenizing), each taking whole modules, heaviest first (tests/conftest.py). TEST_WORKERS=0: one process.
+# start-up, tokenizing), each taking whole modules, heaviest first, and each pinned to its own half of the cores
+# (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
