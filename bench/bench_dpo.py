@@ -59,6 +59,7 @@ from pathlib import Path
 
 from machine import (  # bench/machine.py: the script's folder is on sys.path
     cpu_name,
+    default_threads,
     our_pair_order,
     print_result,
     run_child,
@@ -232,7 +233,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (recipes/dpo.yaml: 8)")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--lr", type=float, default=2e-6)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--out", default=str(REPO / "bench/results/dpo.json"))

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from machine import (  # bench/machine.py: the script's folder is on sys.path
     cpu_name,
+    default_threads,
     our_pair_order,
     print_result,
     run_child,
@@ -309,7 +310,7 @@ def main() -> None:
     ap.add_argument("--score-pairs", type=int, default=64, help="pairs scored: 2 sequences each")
     ap.add_argument("--score-batch", type=int, default=16, help="sequences per padded batch (plain side)")
     ap.add_argument("--tasks", nargs="+", choices=list(SIDES), default=list(SIDES))
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--out", default=str(REPO / "bench/results/reward.json"))
     ap.add_argument("--task", choices=list(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--which", choices=["ours", "trl", "plain"], help=argparse.SUPPRESS)

@@ -24,6 +24,14 @@ def cpu_name() -> str:
     return "unknown"
 
 
+def default_threads() -> int:
+    """``--threads``' default: OMP_NUM_THREADS where it is set, else the cores this process may use (its
+    affinity mask, as training counts them), not every core of the host."""
+    from alignment.training import usable_cpus
+
+    return int(os.environ.get("OMP_NUM_THREADS") or usable_cpus())
+
+
 def print_result(result: dict) -> None:
     """In a child: add its torch thread count and peak RSS (ru_maxrss, KiB on Linux) and print the RESULT line
     that ``run_child`` reads."""
