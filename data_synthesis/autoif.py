@@ -55,7 +55,16 @@ Writes into ``out_dir``:
 - ``preference.jsonl``: ``prompt``, ``chosen``, ``rejected``, ``source_id``, ``constraint_id``,
   ``query_id``, ``chosen_score``, ``rejected_score``, ``provenance``;
 - ``verifiers.jsonl``: each kept constraint: ``constraint_id``, ``instruction``, ``verifiers`` (the kept
-  functions: the ``verifier`` reward's column), ``cases`` (the kept ones), ``function_accuracy``.
+  functions: the ``verifier`` reward's column), ``cases`` (the kept ones), ``function_accuracy``;
+- ``audit.jsonl``: each constraint whose input row has a reference (``audit_column``, default
+  ``constraints``: rule-based checkers in the ``ifeval`` reward's format, checked before any model loads):
+  ``cases``, ``cases_labelled_right`` (the case's ``expected`` equals the reference's verdict on its
+  response) and ``cases_following_reference`` (responses the reference accepts: cases that all break the
+  constraint cannot tell a right function from ``return False``), ``functions`` (parsed), ``functions_run`` (cross-validated), ``functions_matching_reference``
+  (the reference's verdict on every case response the sandbox ran), ``functions_kept`` and
+  ``kept_matching_reference``. It measures the model that wrote them (how often its cases are labelled right,
+  how often its functions are right where the cases can tell); it never keeps or drops anything. 19 of the 31
+  shipped constraints have a reference (the others have no ifeval checker that means the same).
 
 Deliberate simplifications:
 - AutoIF's other checks are left out: back-translating a function into an instruction and testing that it
@@ -66,8 +75,11 @@ Deliberate simplifications:
 - A 135M model (``smollm2-135m-instruct``) cannot write these functions: in a dry run on 5 constraints 12 of
   20 function answers did not parse or define ``evaluate``, the other 8 compared the response with fixed
   strings and failed cross-validation, and the cases copied the prompt's example; every constraint was
-  dropped. The filters carry the quality, and they let nothing through here; point ``backend.model`` (or
-  ``backend.kind: openai`` + ``backend.url``) at a larger model for real data.
+  dropped. The audit says why no function can pass: the model labels its own cases no better than a coin
+  (README, "Data synthesis"), so even a right function agrees with about half of them. The filters carry the
+  quality, and they let nothing through here; point ``backend.model`` (or ``backend.kind: openai`` +
+  ``backend.url``) at a larger model for real data, and read ``audit.jsonl`` to see how right its cases and
+  functions are.
 """
 
 from __future__ import annotations
@@ -102,6 +114,7 @@ from data_synthesis.engine import (
 )
 from data_synthesis.runner import SynthesisConfig
 from reward.code_reward import read_reports
+from reward.ifeval import check_constraint, parse_constraints
 from reward.sandbox import Sandbox, SandboxConfig, SandboxJob, Status
 from reward.verifier import VerifierReward, verdicts_program
 
@@ -180,6 +193,10 @@ class Config(SynthesisConfig):
     allow_weak_isolation: bool = False
     # Prompt overrides by name (function, cases, answer): chat messages with {column} fields.
     templates: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    # An input column with rule-based checkers of the row's constraint, in the `ifeval` reward's format
+    # ([{"type": "no_commas"}]). Used only to audit the model's cases and functions (audit.jsonl); it never
+    # keeps or drops anything. Rows without it are not audited.
+    audit_column: str = "constraints"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -214,6 +231,28 @@ def make_sandbox(cfg: Config) -> Sandbox:
             allow_weak_isolation=cfg.allow_weak_isolation,
         )
     )
+
+
+def read_input(cfg: Config) -> list[Record]:
+    """The constraint rows; a row's audit column (when present) is checked here, before any model loads."""
+    records = read_rows(cfg.input)
+    for r in records:
+        if r.data.get(cfg.audit_column) is None:
+            continue
+        try:
+            reference = parse_constraints(r.data[cfg.audit_column])
+            if not reference:
+                raise ValueError("an empty list")
+            for k, c in enumerate(reference):
+                check_constraint("A response.", c, k)
+        except ValueError as e:
+            raise DataError(f"{cfg.input}: row {r.id}: field {cfg.audit_column!r}: {e}") from e
+    return records
+
+
+def reference_verdict(reference: list[dict[str, Any]], response: str) -> bool:
+    """The audit's label of a response: it satisfies every rule-based checker of the row's reference."""
+    return all(check_constraint(response, c, k) for k, c in enumerate(reference))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,7 +300,10 @@ class Parse(Step):
 
     name = "parse"
     needs = ("function_answers", "case_answers")
-    makes = ("functions", "cases")
+    makes = ("functions", "cases", "audit")
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
 
     def run(self, records, ctx):
         kept = []
@@ -301,6 +343,7 @@ class Parse(Step):
                     j += 1
             r.set("functions", functions, self.name)
             r.set("cases", cases, self.name)
+            r.set("audit", self._audit(r, functions, cases), self.name, reference=self.cfg.audit_column)
             if not functions:
                 ctx.drop(r, "no_functions", "no answer defines evaluate")
             elif not cases:
@@ -309,13 +352,25 @@ class Parse(Step):
                 kept.append(r)
         return kept
 
+    def _audit(self, r: Record, functions: list[str], cases: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The cases' labels checked against the row's reference (None: the row has none)."""
+        if r.data.get(self.cfg.audit_column) is None:
+            return None
+        reference = parse_constraints(r.data[self.cfg.audit_column])
+        labels = [reference_verdict(reference, c["response"]) for c in cases]
+        right = sum(label is c["expected"] for label, c in zip(labels, cases, strict=True))
+        return {"reference": reference, "cases": len(cases), "cases_labelled_right": right,
+                "cases_following_reference": sum(labels),
+                "functions": len(functions), "functions_run": 0, "functions_matching_reference": 0,
+                "functions_kept": 0, "kept_matching_reference": 0}  # fmt: skip
+
 
 class CrossValidate(Step):
     """Every function on every case in the sandbox -> the kept ``verifiers``, ``kept_cases`` and each kept
     function's ``function_accuracy``."""
 
     name = "cross_validate"
-    needs = ("functions", "cases")
+    needs = ("functions", "cases", "audit")
     makes = ("verifiers", "kept_cases", "function_accuracy")
 
     def __init__(self, cfg: Config, sandbox: Sandbox):
@@ -354,6 +409,13 @@ class CrossValidate(Step):
         ]
         accuracy = [sum(agree[i][j] for j in usable) / len(usable) for i in range(len(functions))]
         kept = [i for i in range(len(functions)) if accuracy[i] >= cfg.min_case_accuracy]
+        if r.data["audit"] is not None:  # measures only: nothing below reads it
+            reference = r.data["audit"]["reference"]
+            labels = {j: reference_verdict(reference, cases[j]["response"]) for j in usable}
+            matching = [i for i in range(len(functions)) if all(verdicts[i][j] is labels[j] for j in usable)]
+            r.set("audit", {**r.data["audit"], "functions_run": len(functions),
+                            "functions_matching_reference": len(matching), "functions_kept": len(kept),
+                            "kept_matching_reference": len(set(matching) & set(kept))}, self.name)  # fmt: skip
         for i in range(len(functions)):
             if i not in kept:
                 detail = f"agrees with {accuracy[i]:.2f} of {len(usable)} cases"
@@ -403,7 +465,7 @@ class PairQueries(Step):
     """Each kept constraint -> one row per drawn query (a new row id ``<constraint id>|<query id>``)."""
 
     name = "pair_queries"
-    needs = ("instruction", "verifiers", "kept_cases", "function_accuracy")
+    needs = ("instruction", "verifiers", "kept_cases", "function_accuracy", "audit")
     makes = ("query", "query_id", "constraint_id")
     merges = True  # rows are split, not merged: the per-row accounting of the engine does not apply
 
@@ -415,7 +477,7 @@ class PairQueries(Step):
         out = []
         k = self.cfg.queries_per_constraint
         k = k if 0 < k < len(self.queries) else len(self.queries)
-        keep = ("instruction", "verifiers", "kept_cases", "function_accuracy")
+        keep = ("instruction", "verifiers", "kept_cases", "function_accuracy", "audit")
         for r in records:
             for qid, query in row_rng(self.cfg, r).sample(self.queries, k):
                 # The constraint's provenance comes along whole: which model and prompts made its functions.
@@ -515,7 +577,7 @@ def steps(cfg: Config) -> list[Step]:
             json_schema=CASES_SCHEMA if cfg.cases_json_schema else None,
             template_name="autoif.cases",
         ),
-        Parse(),
+        Parse(cfg),
         CrossValidate(cfg, sandbox),
         PairQueries(cfg),
         Generate(
@@ -548,7 +610,38 @@ def kept_constraints(result: Result) -> list[dict[str, Any]]:
     return sorted(seen.values(), key=lambda row: row["constraint_id"])
 
 
+AUDIT_COUNTS = ("cases", "cases_labelled_right", "cases_following_reference", "functions", "functions_run", "functions_matching_reference",
+                "functions_kept", "kept_matching_reference")  # fmt: skip
+
+
+def audit_rows(result: Result) -> list[dict[str, Any]]:
+    """One row per audited constraint (its input row had a reference), from wherever it ended, kept or
+    dropped: how many of the model's cases the reference labels the same way, and how many functions give the
+    reference's verdict on every case response the sandbox ran (of all, and of those cross-validation kept)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in [*result.records, *(d.record for d in result.dropped if not d.item)]:
+        audit = r.data.get("audit")
+        cid = r.data.get("constraint_id", r.id)
+        if audit is None or cid in seen:
+            continue
+        seen[cid] = {"constraint_id": cid, "instruction": r.data["instruction"], **audit}
+    return sorted(seen.values(), key=lambda row: row["constraint_id"])
+
+
+def audit_summary(rows: list[dict[str, Any]]) -> str:
+    t = {k: sum(row[k] for row in rows) for k in AUDIT_COUNTS}
+    return (f"[autoif] audit of {len(rows)} constraints against their reference checkers (never used to keep or "
+            f"drop): cases labelled as the reference labels them {t['cases_labelled_right']} of {t['cases']} "
+            f"({t['cases_following_reference']} of the case responses follow the reference); "
+            f"functions giving the reference's verdict on every case response {t['functions_matching_reference']}"
+            f" of {t['functions_run']} run ({t['functions']} parsed); of those cross-validation kept "
+            f"{t['kept_matching_reference']} of {t['functions_kept']}")  # fmt: skip
+
+
 def write(result: Result, cfg: Config, out_dir: Path) -> dict[str, int]:
+    audit = audit_rows(result)
+    if audit:
+        print(audit_summary(audit), flush=True)
     sft, pref = [], []
     for r in result.records:
         prompt = render(template(cfg, "answer"), r.data)
@@ -571,4 +664,5 @@ def write(result: Result, cfg: Config, out_dir: Path) -> dict[str, int]:
         "sft.jsonl": write_jsonl(out_dir / "sft.jsonl", sft),
         "preference.jsonl": write_jsonl(out_dir / "preference.jsonl", pref),
         "verifiers.jsonl": write_jsonl(out_dir / "verifiers.jsonl", kept_constraints(result)),
+        "audit.jsonl": write_jsonl(out_dir / "audit.jsonl", audit),
     }

@@ -97,9 +97,14 @@ def model(conversation, j):
 
 
 CONSTRAINTS = [
-    {"id": "c/short", "instruction": "Answer in fewer than 5 words."},
-    {"id": "c/nocomma", "instruction": "Use no commas."},
-    {"id": "c/bad", "instruction": "Be wise."},
+    # `constraints`: rule-based references (the ifeval reward's checkers), read only by the audit.
+    {
+        "id": "c/short",
+        "instruction": "Answer in fewer than 5 words.",
+        "constraints": [{"type": "word_count", "relation": "less than", "num_words": 5}],
+    },
+    {"id": "c/nocomma", "instruction": "Use no commas.", "constraints": [{"type": "no_commas"}]},
+    {"id": "c/bad", "instruction": "Be wise.", "constraints": [{"type": "no_commas"}]},
     {"id": "c/nocases", "instruction": "Rhyme."},
     {"id": "c/empty", "instruction": ""},
 ]
@@ -177,6 +182,22 @@ def test_pipeline_cross_validates_judges_and_writes(tmp_path):
          "verifiers": [f.split("\n", 1)[1].removesuffix("```") for f in (FEW_WORDS, FEW_SHORT)],
          "cases": SHORT_CASES[:3], "function_accuracy": [0.75, 0.75]},
     ]  # fmt: skip
+    # The audit, by hand. c/short's cases by the reference (fewer than 5 words): "Fine." is 1 word, labelled
+    # False: 3 of 4 right. Its functions FEW_WORDS and FEW_SHORT give the reference's verdict on all four case
+    # responses, `return True` does not ("one two three four five six"). c/nocomma: both cases right; NO_COMMA
+    # matches, the raising and the hanging function give no verdict. c/bad: dropped at parse (no function),
+    # its one case ("x", True) labelled right. "Rhyme." has no reference: not audited.
+    audit = {r["constraint_id"]: {k: r[k] for k in autoif.AUDIT_COUNTS} for r in _rows(out / "audit.jsonl")}
+    assert audit == {
+        "c/bad": {"cases": 1, "cases_labelled_right": 1, "cases_following_reference": 1, "functions": 0, "functions_run": 0,
+                  "functions_matching_reference": 0, "functions_kept": 0, "kept_matching_reference": 0},
+        "c/nocomma": {"cases": 2, "cases_labelled_right": 2, "cases_following_reference": 1, "functions": 3, "functions_run": 3,
+                      "functions_matching_reference": 1, "functions_kept": 1, "kept_matching_reference": 1},
+        "c/short": {"cases": 4, "cases_labelled_right": 3, "cases_following_reference": 3, "functions": 3, "functions_run": 3,
+                    "functions_matching_reference": 2, "functions_kept": 2, "kept_matching_reference": 2},
+    }  # fmt: skip
+    assert _rows(out / "audit.jsonl")[0]["reference"] == [{"type": "no_commas"}]
+    assert stats["files"]["audit.jsonl"] == 3
     dropped = {(d["row"]["id"], d["reason"]) for d in _rows(out / "dropped.jsonl")}
     assert {("c/short#function1", "function_inaccurate"), ("c/short#case3", "case_disputed"),
             ("c/nocomma#function_answer2", "no_evaluate"), ("c/nocomma#case_answer1", "cases_unparsable"),
@@ -202,7 +223,13 @@ def test_an_accepted_answer_cut_at_the_token_limit_is_never_chosen(tmp_path):
 def test_queries_are_drawn_per_constraint_with_a_seed(tmp_path):
     queries = [{"id": f"q/{i}", "query": f"Describe the number {i}."} for i in range(10)]
     step = autoif.PairQueries(_config(tmp_path, "queries_per_constraint=3", queries=queries))
-    data = {"instruction": "i", "verifiers": ["v"], "kept_cases": [], "function_accuracy": [1.0]}
+    data = {
+        "instruction": "i",
+        "verifiers": ["v"],
+        "kept_cases": [],
+        "function_accuracy": [1.0],
+        "audit": None,
+    }
     rows = step.run([Record("c/x", dict(data)), Record("c/y", dict(data))], None)
     # A shuffle seeded by the seed and the constraint's id: the draw does not depend on the other rows.
     for cid in ("c/x", "c/y"):
@@ -224,6 +251,16 @@ def test_bad_input_fails_before_generation(tmp_path):
             backend=backend,
             progress=False,
         )
+    bad = (
+        tmp_path / "bad.jsonl"
+    )  # a reference the ifeval checkers cannot use: an error naming file, row, field
+    bad.write_text(
+        json.dumps({"id": "c/rhyme", "instruction": "Rhyme.", "constraints": [{"type": "rhymes"}]})
+    )
+    with pytest.raises(
+        DataError, match=r"bad.jsonl: row c/rhyme: field 'constraints': .*unknown type 'rhymes'"
+    ):
+        run(autoif, _config(tmp_path, f"input={bad}"), backend=backend, progress=False)
     assert backend.calls == 0
     with pytest.raises(ValueError, match="reject < accept"):
         autoif.Config(accept=0.5, reject=0.5)
@@ -261,4 +298,4 @@ def test_autoif_runs_on_a_real_engine(tmp_path):
     stats = run(autoif, cfg, progress=False)
     assert stats["rows_in"] == 1 and stats["generated_samples"] == 2
     assert stats["dropped"]["no_functions"] == 1 and stats["rows_out"] == 0
-    assert {"sft.jsonl", "preference.jsonl", "verifiers.jsonl"} == set(stats["files"])
+    assert {"sft.jsonl", "preference.jsonl", "verifiers.jsonl", "audit.jsonl"} == set(stats["files"])
