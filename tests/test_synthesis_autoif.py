@@ -280,6 +280,8 @@ def test_shipped_constraints_and_queries():
             (REPO / "data" / "eval" / "ifeval.jsonl").read_text().splitlines()]  # fmt: skip
     assert not [q for _, q in queries if any(q.lower().rstrip(".") in h for h in held)]
     cfg = autoif.Config()  # the defaults read the shipped files
+    # The audit's references are usable checkers (read_input checks them) and cover most constraints.
+    assert sum(r.data.get("constraints") is not None for r in autoif.read_input(cfg)) >= 19
     assert (cfg.input, cfg.queries) == (
         "data_synthesis/autoif_constraints.jsonl",
         "data_synthesis/autoif_queries.jsonl",
