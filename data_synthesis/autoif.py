@@ -60,9 +60,9 @@ Writes into ``out_dir``:
   ``constraints``: rule-based checkers in the ``ifeval`` reward's format, checked before any model loads):
   ``cases``, ``cases_labelled_right`` (the case's ``expected`` equals the reference's verdict on its
   response) and ``cases_following_reference`` (responses the reference accepts: cases that all break the
-  constraint cannot tell a right function from ``return False``), ``functions`` (parsed), ``functions_run`` (cross-validated), ``functions_matching_reference``
-  (the reference's verdict on every case response the sandbox ran), ``functions_kept`` and
-  ``kept_matching_reference``. It measures the model that wrote them (how often its cases are labelled right,
+  constraint cannot tell a right function from ``return False``), ``functions`` (parsed),
+  ``functions_run`` (cross-validated), ``functions_matching_reference`` (the reference's verdict on every
+  case response the sandbox ran), ``functions_kept`` and ``kept_matching_reference``. It measures the model that wrote them (how often its cases are labelled right,
   how often its functions are right where the cases can tell); it never keeps or drops anything. 19 of the 31
   shipped constraints have a reference (the others have no ifeval checker that means the same).
 
@@ -610,8 +610,8 @@ def kept_constraints(result: Result) -> list[dict[str, Any]]:
     return sorted(seen.values(), key=lambda row: row["constraint_id"])
 
 
-AUDIT_COUNTS = ("cases", "cases_labelled_right", "cases_following_reference", "functions", "functions_run", "functions_matching_reference",
-                "functions_kept", "kept_matching_reference")  # fmt: skip
+AUDIT_COUNTS = ("cases", "cases_labelled_right", "cases_following_reference", "functions", "functions_run",
+                "functions_matching_reference", "functions_kept", "kept_matching_reference")  # fmt: skip
 
 
 def audit_rows(result: Result) -> list[dict[str, Any]]:
