@@ -65,7 +65,7 @@ from alignment.evaluation import (
 from alignment.generation import GenerationConfig, SamplingConfig, make_generator
 from alignment.logprobs import TokenLogProbs
 from alignment.models import load_causal_lm, load_tokenizer, resolve_model
-from alignment.pair_selection import DROP_REASONS, PairSelectionConfig, select_pair
+from alignment.pair_selection import DROP_REASONS, PairSelectionConfig, select_pair, verified
 from alignment.preference import (
     METRICS,
     LossConfig,
@@ -145,6 +145,12 @@ class OnlineDPOConfig:
             raise ValueError(
                 "reference.mode: precomputed needs fixed pairs; online DPO uses auto, model, previous"
             )
+        labels = [spec.label for spec in self.rewards]
+        for lab in self.pairs.chosen_must_pass:
+            if lab not in labels:
+                raise ValueError(
+                    f"pairs.chosen_must_pass: {lab!r} is not the label of a reward (rewards: {labels})"
+                )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,12 +264,14 @@ def logp_difference(generator, policy, probe, accelerator) -> float:
     return float((engine - mine).abs().max())
 
 
-def pick_pairs(idxs, answers, scores, prompt_ids, cfg: PairSelectionConfig, rng):
-    """-> (pairs, drop counts by reason, margins of the kept pairs, one log row per prompt)."""
+def pick_pairs(idxs, answers, scores, prompt_ids, cfg: PairSelectionConfig, rng, passed=None):
+    """-> (pairs, drop counts by reason, margins of the kept pairs, one log row per prompt). ``passed``: per
+    prompt, per answer, whether it passed the verifiers of ``pairs.chosen_must_pass`` (None: not judged)."""
     pairs, drops, margins, rows = [], dict.fromkeys(DROP_REASONS, 0), [], []
-    for i, group, s in zip(idxs, answers, scores):
+    for k, (i, group, s) in enumerate(zip(idxs, answers, scores)):
         texts, lengths = [a.text for a in group], [len(a.token_ids) for a in group]
-        sel = select_pair(s, texts, lengths, [a.finished for a in group], cfg, rng)
+        ok = None if passed is None else passed[k]
+        sel = select_pair(s, texts, lengths, [a.finished for a in group], cfg, rng, ok)
         if sel.ok:
             pairs.append(PairSequences(
                 answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
@@ -337,6 +345,7 @@ def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
         "online/dropped_ties": total["drop_tie"] + total["drop_small_margin"],
         "online/dropped_unscored": total["drop_unscored"],
         "online/dropped_identical": total["drop_identical"],
+        "online/dropped_unverified": total["drop_unverified"],
         "completions/mean_length": total["tokens"] / max(1, total["answers"]),
         "completions/clipped_ratio": total["clipped"] / max(1, total["answers"]),
         **{f"objective/scores/{k.split('/', 1)[1]}": v / max(1, total[f"component_n/{k.split('/', 1)[1]}"])
@@ -440,9 +449,15 @@ def main(argv: list[str] | None = None) -> None:
         scored = reward([prompts[i].prompt for i, _ in flat], [a.text for _, a in flat], **cols)
         t_score = time.perf_counter() - t0
         scores = [scored.scores[k : k + cfg.num_samples] for k in range(0, len(flat), cfg.num_samples)]
+        passed = None
+        if cfg.pairs.chosen_must_pass:  # per answer: did the named verifiers give it full marks?
+            ok = verified(reward_components(scored), cfg.pairs.chosen_must_pass)
+            passed = [ok[k : k + cfg.num_samples] for k in range(0, len(flat), cfg.num_samples)]
 
         # 4. One pair per prompt, or a counted reason for none.
-        pairs, drops, margins, log_rows = pick_pairs(idxs, answers, scores, prompt_ids, cfg.pairs, rng)
+        pairs, drops, margins, log_rows = pick_pairs(
+            idxs, answers, scores, prompt_ids, cfg.pairs, rng, passed
+        )
 
         # 5-6. DPO on the pairs of every process: the loss is a mean over all of them.
         t0 = time.perf_counter()

@@ -22,15 +22,26 @@ among the answers that were scored, where the rejected answer's text must differ
 answers were scored, when every scored answer is the same text, or when chosen and rejected differ by less than
 ``min_margin`` or not at all (ties never become pairs: TRL's online DPO keeps them and calls the first one
 chosen). Ties for the best go to the earliest answer, so the choice is deterministic.
+
+``chosen_must_pass`` names verifier components of the reward (e.g. ``math``): where one of them judged a
+prompt's answers, only an answer with full marks (score >= 1) from every such verifier may be chosen:
+
+    eligible = {j : passed_j}   if any verifier judged the prompt,   else every scored answer
+    best_worst / best_random   chosen = argmax_{j in eligible} adjusted_j   (rejected as above)
+    greedy_anchor              the pair as above, dropped when its chosen answer is not eligible
+
+and a prompt with no eligible answer is dropped as ``unverified``. Without it, a prompt none of whose answers is
+right still gives a pair whose chosen answer is wrong (the reward model ranks two wrong answers), and DPO raises
+the likelihood of that wrong answer.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-DROP_REASONS = ("unscored", "identical", "tie", "small_margin")
+DROP_REASONS = ("unscored", "identical", "tie", "small_margin", "unverified")
 
 
 @dataclass
@@ -42,10 +53,14 @@ class PairSelectionConfig:
     length_penalty: float = 0.0
     # Subtract this from the score of an answer cut at max_new_tokens (no end-of-turn token; 0: off).
     unfinished_penalty: float = 0.0
+    # Labels of verifier components (e.g. [math]): where one judged a prompt, the chosen answer must pass it.
+    chosen_must_pass: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.min_margin < 0 or self.length_penalty < 0 or self.unfinished_penalty < 0:
             raise ValueError("pairs.min_margin, length_penalty and unfinished_penalty must be >= 0")
+        if len(set(self.chosen_must_pass)) != len(self.chosen_must_pass):
+            raise ValueError(f"pairs.chosen_must_pass: a label is listed twice: {self.chosen_must_pass}")
 
 
 @dataclass
@@ -71,6 +86,19 @@ def adjusted_scores(
     ]
 
 
+def verified(components: dict[str, list[float | None]], labels: list[str]) -> list[bool | None]:
+    """Per answer: True when every named verifier that judged it gave full marks (>= 1), False when one gave
+    less, None when none of them judged it (e.g. the prompt has no gold answer)."""
+    n = len(next(iter(components.values()), []))
+    out: list[bool | None] = []
+    for j in range(n):
+        judged = [
+            components[lab][j] for lab in labels if lab in components and components[lab][j] is not None
+        ]
+        out.append(None if not judged else all(v >= 1.0 for v in judged))
+    return out
+
+
 def select_pair(
     scores: list[float | None],
     texts: list[str],
@@ -78,16 +106,23 @@ def select_pair(
     finished: list[bool],
     cfg: PairSelectionConfig,
     rng: random.Random,
+    passed: list[bool | None] | None = None,
 ) -> Selection:
     """One prompt's N answers -> Selection. ``rng`` is used by best_random only; greedy_anchor reads answer 0
-    as the greedy one."""
+    as the greedy one. ``passed`` (from ``verified``) limits the chosen answer when a verifier judged any."""
     adj = adjusted_scores(scores, lengths, finished, cfg)
     scored = [j for j, a in enumerate(adj) if a is not None]
     if len(scored) < 2:
         return Selection(None, None, "unscored")
+    eligible = scored
+    if passed is not None and any(p is not None for p in passed):
+        eligible = [j for j in scored if passed[j]]
+        if not eligible:
+            return Selection(None, None, "unverified")
     if cfg.strategy == "greedy_anchor":
-        return _greedy_anchor(adj, texts, scored, cfg.min_margin)
-    best = max(scored, key=lambda j: (adj[j], -j))  # the earliest of equal bests
+        sel = _greedy_anchor(adj, texts, scored, cfg.min_margin)
+        return sel if not sel.ok or sel.chosen in eligible else Selection(None, None, "unverified")
+    best = max(eligible, key=lambda j: (adj[j], -j))  # the earliest of equal bests
     others = [j for j in scored if texts[j] != texts[best]]
     if not others:
         return Selection(None, None, "identical")

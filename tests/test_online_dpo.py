@@ -35,6 +35,7 @@ def base_args(tmp_path, out, *overrides):
         "optimizer.lr=2e-3",
         "loss.beta=0.1",
         "rewards=[{name: 'tests.toy_rewards:AsciiShare'}]",
+        "pairs.chosen_must_pass=[]",  # the recipe's [math] names a reward these runs replace
         "prompts_per_step=4",
         "num_samples=4",
         "sampling.max_new_tokens=16",
@@ -73,6 +74,11 @@ def run(tmp_path, name, *overrides):
         ([{"prompt": "hi"}], ["rewards=[{name: math}]"], "needs the column 'answer'"),
         (TRAIN, ["sampling.max_new_tokens=4000"], "sampling.max_new_tokens: 4000 new tokens"),
         (TRAIN, ["rewards=[{name: reward_model}]"], "params.name_or_path: required"),
+        (
+            TRAIN,
+            ["pairs.chosen_must_pass=[maths]"],
+            "pairs.chosen_must_pass: 'maths' is not the label of a reward",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, rows, override, message):
@@ -150,6 +156,35 @@ def test_greedy_anchor_samples_the_greedy_answer_first_and_puts_it_in_every_pair
     assert all(len(r["answers"]) == 4 for r in rows)  # num_samples in all: the greedy answer and 3 samples
     kept = [r for r in rows if r["dropped"] is None]
     assert kept and all(0 in (r["chosen"], r["rejected"]) for r in kept)
+
+
+def test_a_chosen_answer_always_passed_the_verifier_and_prompts_without_one_are_dropped(tmp_path, tiny_qwen2):
+    from alignment.config import DataConfig, DataSource
+    from alignment.data import DataReport, load_examples, normalize_prompt_row
+    from reward.compose import make_reward
+
+    rewards = "rewards=[{name: math}, {name: 'tests.toy_rewards:AsciiShare'}]"
+    out = run(tmp_path, "verified", rewards, "pairs.chosen_must_pass=[math]", "training.max_steps=2",
+              "generation.backend=transformers", "eval.at_start=false", "eval.at_end=false", "sync_check_steps=0")  # fmt: skip
+    data = DataConfig(sources=[DataSource(path=str(tmp_path / "prompts.jsonl"))], seed=0)
+    prompts = load_examples(data, normalize_prompt_row, DataReport())
+    math = make_reward("math")
+    steps = [json.loads(line)["rows"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    unverified = 0
+    for rows in steps:
+        for r in rows:
+            gold = prompts[r["prompt"]].columns["answer"]
+            right = [
+                s == 1.0
+                for s in math([prompts[r["prompt"]].prompt] * 4, r["answers"], answer=[gold] * 4).scores
+            ]
+            if r["dropped"] is None:
+                assert right[r["chosen"]], r
+            if not any(right):
+                assert r["dropped"] == "unverified", r
+                unverified += 1
+    assert unverified  # tiny-qwen2 is untrained: most prompts have no right answer
+    assert sum(m["online/dropped_unverified"] for m in read_metrics(out)) == unverified
 
 
 @pytest.mark.vllm

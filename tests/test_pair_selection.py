@@ -1,4 +1,5 @@
-"""Pair selection by hand-made score tables: ties, margins, None scores, identical answers, penalties."""
+"""Pair selection by hand-made score tables: ties, margins, None scores, identical answers, penalties, and the
+verifier that limits the chosen answer."""
 
 from __future__ import annotations
 
@@ -6,15 +7,15 @@ import random
 
 import pytest
 
-from alignment.pair_selection import PairSelectionConfig, adjusted_scores, select_pair
+from alignment.pair_selection import PairSelectionConfig, adjusted_scores, select_pair, verified
 
 TEXTS = ["a", "b", "c", "d"]
 LENS = [10, 10, 10, 10]
 DONE = [True, True, True, True]
 
 
-def pick(scores, texts=TEXTS, lens=LENS, done=DONE, seed=0, **cfg):
-    return select_pair(scores, texts, lens, done, PairSelectionConfig(**cfg), random.Random(seed))
+def pick(scores, texts=TEXTS, lens=LENS, done=DONE, seed=0, passed=None, **cfg):
+    return select_pair(scores, texts, lens, done, PairSelectionConfig(**cfg), random.Random(seed), passed)
 
 
 def test_best_and_worst_by_score():
@@ -106,3 +107,48 @@ def test_greedy_anchor_ties_margins_none_and_identical_answers():
     sel = pick([0.2, 0.9, 0.1, 0.5], texts=["g", "g", "y", "z"], strategy="greedy_anchor")
     assert (sel.chosen, sel.rejected) == (3, 0)
     assert pick([0.2, 0.9, 0.1, 0.5], texts=["g"] * 4, strategy="greedy_anchor").reason == "identical"
+
+
+# chosen_must_pass: where a verifier judged the prompt, only an answer it passed may be chosen.
+
+
+def test_a_verifier_limits_the_chosen_answer_to_one_that_passed():
+    # Answer 0 scores highest (the reward model liked it) but failed the verifier; 1 is the best that passed.
+    sel = pick([3.0, 2.0, -1.0, 0.5], passed=[False, True, False, True])
+    assert (sel.chosen, sel.rejected, sel.reason) == (1, 2, None)
+    assert sel.margin == pytest.approx(3.0)  # 2.0 - (-1.0)
+
+
+def test_a_prompt_no_answer_passed_is_dropped_as_unverified():
+    sel = pick([3.0, 2.0, -1.0, 0.5], passed=[False, False, False, False])
+    assert not sel.ok and sel.reason == "unverified" and sel.chosen is None
+
+
+def test_a_prompt_no_verifier_judged_keeps_the_plain_best():
+    # No gold answer: every answer is None for the verifier, so the reward model alone decides.
+    sel = pick([3.0, 2.0, -1.0, 0.5], passed=[None, None, None, None])
+    assert (sel.chosen, sel.rejected) == (0, 2)
+
+
+def test_greedy_anchor_drops_a_pair_whose_chosen_answer_failed():
+    # The greedy answer 0 beats every sample, so the pair is (0, worst) - but 0 failed the verifier.
+    assert pick(
+        [3.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", passed=[False, True, False, True]
+    ).reason == ("unverified")
+    sel = pick([1.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", passed=[False, True, False, True])
+    assert (sel.chosen, sel.rejected) == (1, 0)  # sampled 1 beats the greedy answer, and it passed
+
+
+def test_verified_needs_full_marks_from_every_named_verifier_that_judged():
+    components = {
+        "math": [1.0, 0.0, None, None, 1.0],
+        "code": [None, 1.0, 0.5, None, 1.0],
+        "reward_model": [-3.0, 2.0, 1.0, 0.0, 0.0],  # not named: never a verifier here
+    }
+    assert verified(components, ["math", "code"]) == [True, False, False, None, True]
+    assert verified(components, ["math"]) == [True, False, None, None, True]
+
+
+def test_a_label_listed_twice_is_an_error():
+    with pytest.raises(ValueError, match="chosen_must_pass"):
+        PairSelectionConfig(chosen_must_pass=["math", "math"])
