@@ -15,8 +15,9 @@ One step (the loop below, in this order):
 2. ``num_samples`` answers per prompt from the sampler (alignment/generation.py: vLLM in this process by
    default), prompts sent as token ids;
 3. scores from the composed reward of the recipe's ``rewards`` (reward/compose.py);
-4. one pair per prompt, best vs worst (alignment/pair_selection.py); ties, unscored and identical answers
-   are dropped and counted;
+4. one pair per prompt, best vs worst (alignment/pair_selection.py), the chosen answer a verified one where a
+   verifier of ``pairs.chosen_must_pass`` judged the prompt; ties, unscored and identical answers and prompts
+   with no verified answer are dropped and counted;
 5. the DPO loss of the offline stage on these pairs (alignment/preference.py), against the start model,
    the LoRA base, or the previous step's policy;
 6. an optimizer step (OnDARE by default: alignment/merging.py);
