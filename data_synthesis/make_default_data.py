@@ -139,11 +139,11 @@ def _word_problem(rng: random.Random) -> Task:
 # worked answer writes each intermediate result, so a small model learns to compute one step at a time.
 # Each skill has several wordings: the first is the one the preference pairs and the validation split
 # (data/dev/math.jsonl) use; the SFT demonstrations and the online prompts draw among all of them, the first half
-# the time (``wording`` in ``generate``), so the model meets a skill in more than one sentence. Online DPO on
-# prompts in the first wording only fitted that wording: on 1,000 problems in other wordings it lost accuracy
-# (0.183 -> 0.166, 14 answers up and 31 down); on prompts in all four, 0.180 (25 up, 28 down; see the README). They were written
-# apart from the held-out templates (data_synthesis/make_eval_sets.py) and the reworded validation split
-# (make_dev_reworded.py): the held-out ones' scenarios and key phrases are not used, and
+# the time (``wording`` in ``generate``), so the model meets a skill in more than one sentence. (Online
+# prompts in four wordings were tried against online DPO's loss on other wordings: it shrank in one run and
+# not in another; see "What moved the numbers" in the README.) They were written apart from the held-out
+# templates (data_synthesis/make_eval_sets.py) and the reworded validation split (make_dev_reworded.py): the
+# held-out ones' scenarios and key phrases are not used, and
 # tests/test_shipped_data.py checks that no held-out or reworded prompt matches any training template.
 PEOPLE = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kira", "Leo")
 

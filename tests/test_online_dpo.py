@@ -173,10 +173,10 @@ def test_a_chosen_answer_always_passed_the_verifier_and_prompts_without_one_are_
     unverified = 0
     for rows in steps:
         for r in rows:
-            gold = prompts[r["prompt"]].columns["answer"]
+            ex, n = prompts[r["prompt"]], len(r["answers"])
             right = [
                 s == 1.0
-                for s in math([prompts[r["prompt"]].prompt] * 4, r["answers"], answer=[gold] * 4).scores
+                for s in math([ex.prompt] * n, r["answers"], answer=[ex.columns["answer"]] * n).scores
             ]
             if r["dropped"] is None:
                 assert right[r["chosen"]], r

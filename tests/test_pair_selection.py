@@ -132,9 +132,8 @@ def test_a_prompt_no_verifier_judged_keeps_the_plain_best():
 
 def test_greedy_anchor_drops_a_pair_whose_chosen_answer_failed():
     # The greedy answer 0 beats every sample, so the pair is (0, worst) - but 0 failed the verifier.
-    assert pick(
-        [3.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", passed=[False, True, False, True]
-    ).reason == ("unverified")
+    sel = pick([3.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", passed=[False, True, False, True])
+    assert sel.reason == "unverified"
     sel = pick([1.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", passed=[False, True, False, True])
     assert (sel.chosen, sel.rejected) == (1, 0)  # sampled 1 beats the greedy answer, and it passed
 
