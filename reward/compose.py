@@ -44,7 +44,13 @@ logger = logging.getLogger(__name__)
 RewardFactory = Callable[..., RewardFunction]
 _REGISTRY: dict[str, RewardFactory] = {}
 # Modules whose import registers the built-in rewards; imported on first lookup (they import this module).
-_BUILTIN_MODULES = ("reward.math_reward", "reward.ifeval", "reward.code_reward", "reward.verifier")
+_BUILTIN_MODULES = (
+    "reward.math_reward",
+    "reward.arithmetic",
+    "reward.ifeval",
+    "reward.code_reward",
+    "reward.verifier",
+)
 # Built-ins imported only when used: the reward model pulls in torch and transformers.
 _LAZY = {"reward_model": "reward.model:RewardModelScorer"}
 Missing = Literal["none", "zero", "renormalize"]

@@ -1,0 +1,121 @@
+"""Arithmetic steps: check every equation a completion writes between plain numbers.
+
+Reward, per completion (``ArithmeticReward``, registered as ``"arithmetic"``), over the equations E the
+completion writes whose two sides are arithmetic on literal numbers ("18 x 18 = 324", "2 x (14 + 20) = 68",
+"9/4 = 27/12"; a chain "a = b = c" is the equations a = b and b = c):
+
+    r = 1.0   every e in E holds (its sides are equal as exact fractions; a right side written with d
+              decimals is compared after rounding the left side to d decimals)
+    r = 0.0   some e in E does not hold (details name the first one)
+    r = None  E is empty: the completion writes no equation this can check (a sorted list, a reversed word)
+
+A side that touches a variable or a word is not checked: in "5x - 3 = 47" the "3" belongs to "5x - 3", and in
+"7x = -46 + 4 = -42" only "-46 + 4 = -42" is checked. "x" counts as a multiplication sign only between spaces.
+
+Why: the ``math`` reward reads the final answer only, and a small model's right final answer can sit on wrong
+steps ("x = -32 / 7 = -6. The answer is -6."). Gating the chosen answer of online DPO on both
+(``pairs.chosen_must_pass: [math, arithmetic]``) keeps such lucky answers out of the pairs. No columns read.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+from reward.base import Prompt, RewardOutput
+from reward.compose import register_reward
+
+_NUM = r"-?\$?\d+(?:,\d{3})*(?:\.\d+)?"
+_OP = r"(?:\s*[-+×*/÷]\s*|\s+x\s+)"
+_SIDE = rf"(?:\(\s*)*{_NUM}(?:\s*\))*(?:{_OP}(?:\(\s*)*{_NUM}(?:\s*\))*)*"
+_CHAIN = re.compile(rf"{_SIDE}(?:\s*=\s*{_SIDE})+")
+# What may not touch an equation: before it an operator (spaces between allowed) or a letter, digit or point
+# glued to it; after it the same.
+_BEFORE_BAD = re.compile(r"(?:[-+×*/÷^%(]\s*|[\w.])$")
+_AFTER_BAD = re.compile(r"^(?:\s*[-+×*/÷^%(]|\w|\.\d)")
+
+
+def _value(side: str) -> Fraction:
+    """Exact value of one side: numbers (``$``, thousands commas dropped), + - x / and parentheses."""
+    expr = re.sub(r"\s+x\s+", " * ", side).replace("×", "*").replace("÷", "/").replace("$", "")
+    expr = re.sub(r"(?<=\d),(?=\d{3})", "", expr)
+    return _eval(ast.parse(expr.strip(), mode="eval").body)
+
+
+def _eval(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return Fraction(str(node.value))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        v = _eval(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div):
+        a, b = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+        if b == 0:
+            raise ZeroDivisionError
+        return a / b
+    raise ValueError(f"not plain arithmetic: {ast.dump(node)}")
+
+
+def _holds(left: Fraction, right_text: str, right: Fraction) -> bool:
+    """left = right, allowing a right side that is one decimal number rounded to its written decimals."""
+    if left == right:
+        return True
+    m = re.fullmatch(r"\s*-?\$?[\d,]*\.(\d+)\s*", right_text)
+    if m:
+        d = len(m.group(1))
+        return round(left, d) == right
+    return False
+
+
+def check_equations(text: str) -> tuple[int, str | None]:
+    """(number of equations checked, the first one that does not hold or None)."""
+    checked = 0
+    for m in _CHAIN.finditer(text):
+        if _BEFORE_BAD.search(text[: m.start()]) or _AFTER_BAD.search(text[m.end() :]):
+            continue
+        sides = re.split(r"\s*=\s*", m.group(0))
+        for a, b in zip(sides, sides[1:]):
+            if not re.search(_OP, a.strip()) and not re.search(_OP, b.strip()):
+                continue  # "= 9 = 9" checks nothing
+            try:
+                left, right = _value(a), _value(b)
+                ok = _holds(left, b, right)
+            except ZeroDivisionError:
+                ok = False
+            except (SyntaxError, ValueError):
+                continue  # unbalanced parentheses: not an equation we can read
+            checked += 1
+            if not ok:
+                return checked, f"{a.strip()} = {b.strip()}"
+    return checked, None
+
+
+@register_reward("arithmetic")
+class ArithmeticReward:
+    """1.0 when every checked equation holds, 0.0 when one does not, None when there is none to check."""
+
+    name = "arithmetic"
+
+    def __call__(
+        self, prompts: Sequence[Prompt], completions: Sequence[str], **columns: Sequence[Any]
+    ) -> RewardOutput:
+        scores, reasons, details = [], [], []
+        for completion in completions:
+            n, wrong = check_equations(completion or "")
+            details.append({"equations": n, "wrong": wrong})
+            if n == 0:
+                scores.append(None)
+                reasons.append("no equation between plain numbers to check")
+            else:
+                scores.append(0.0 if wrong else 1.0)
+                reasons.append(None)
+        return RewardOutput(scores, reasons, details)
