@@ -30,8 +30,9 @@ Rules: an answer that did not finish (no end-of-turn token within ``sampling.max
 demonstration or a chosen answer (it may be a rejected one: it reached no correct answer); byte-identical
 paths count once; a sample the verifier could not score (None) is left out and counted.
 
-Deliberate simplifications: one model, one process; answers are compared by their final answer only (a
-correct final answer reached by wrong steps passes, as in the report's rejection sampling).
+Deliberate simplifications: one model, one process. By default answers are compared by their final answer only
+(a correct final answer reached by wrong steps passes, as in the report's rejection sampling); ``check_steps:
+true`` also asks every equation between plain numbers to hold (``reward/arithmetic.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class Config(SynthesisConfig):
     )
     pairs_per_prompt: int = 2
     demos_per_prompt: int = 1
+    # A right final answer counts as a correct path only if every equation it writes holds (the ``arithmetic``
+    # reward): "x = -32 / 7 = -6. The answer is -6." is then an incorrect path. Counted as right_answer_wrong_steps.
+    check_steps: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,20 +122,28 @@ class Verify(Step):
     needs = ("prompt", "samples")
     makes = ("scores",)
 
-    def __init__(self, answer_column: str):
+    def __init__(self, answer_column: str, check_steps: bool = False):
         self.answer_column = answer_column
+        self.check_steps = check_steps
         self.needs = ("prompt", "samples", answer_column)
 
     def run(self, records, ctx):
+        from reward.arithmetic import ArithmeticReward
         from reward.math_reward import MathReward
 
-        verifier = MathReward(answer_column=self.answer_column)
+        verifier, steps = MathReward(answer_column=self.answer_column), ArithmeticReward()
         try:
             for r in records:
                 texts = r.data["samples"]
                 out = verifier([r.data["prompt"]] * len(texts), texts,
                                **{self.answer_column: [r.data[self.answer_column]] * len(texts)})  # fmt: skip
-                r.set("scores", list(out.scores), self.name, reward="math", answer_column=self.answer_column)
+                scores, wrong_steps = list(out.scores), 0
+                if self.check_steps:  # a right answer on a wrong equation is an incorrect path
+                    for j, a in enumerate(steps([r.data["prompt"]] * len(texts), texts).scores):
+                        if scores[j] is not None and scores[j] >= 1.0 and a == 0.0:
+                            scores[j], wrong_steps = 0.0, wrong_steps + 1
+                r.set("scores", scores, self.name, reward="math", answer_column=self.answer_column,
+                      check_steps=self.check_steps, right_answer_wrong_steps=wrong_steps)  # fmt: skip
         finally:
             verifier.close()
         return records
@@ -183,7 +195,7 @@ def steps(cfg: Config) -> list[Step]:
             conversation="prompt",
             template_name="the row's prompt",
         ),  # fmt: skip
-        Verify(cfg.answer_column),
+        Verify(cfg.answer_column, cfg.check_steps),
         Select(cfg),
     ]
 
@@ -207,6 +219,7 @@ def write(result, cfg: Config, out: Path) -> dict[str, int]:
         "unscored": sum(s is None for s in samples),
         "unfinished": sum(not f for f in finished),
         "no_incorrect": sum(not any(s is not None and s < 1.0 for s in r.data["scores"]) for r in result.records),
+        "right_answer_wrong_steps": sum(r.provenance["scores"].get("right_answer_wrong_steps", 0) for r in sampled),
         "sample_accuracy": round(sum(s is not None and s >= 1.0 for s in samples) / max(1, len(samples)), 4),
     })  # fmt: skip
     return {"preference.jsonl": write_jsonl(out / "preference.jsonl", pref_rows),

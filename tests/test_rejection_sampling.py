@@ -142,3 +142,27 @@ def test_run_on_tiny_model_with_transformers(tmp_path, tiny_qwen2):
         and stats["rows_in"] == 2
         and (tmp_path / "o" / "preference.jsonl").exists()
     )
+
+
+def test_check_steps_turns_a_right_answer_on_a_wrong_equation_into_an_incorrect_path(tmp_path):
+    script = {"What is 6 x 7?": [("6 × 7 = 42. The answer is 42.", True), ("6 × 7 = 43, so 42. The answer is 42.", True),
+                                 ("6 × 7 = 48. The answer is 48.", True)]}  # fmt: skip
+    f = _rows(tmp_path, [{"prompt": "What is 6 x 7?", "answer": "42"}])
+    backend = ScriptedBackend(lambda conv, j: script[conv[-1]["content"]][j][0])
+    found = {}
+    for check in (False, True):
+        out = tmp_path / f"out{check}"
+        _, cfg = load_recipe(["recipes/data/rejection_sampling.yaml", f"input={f}", f"out_dir={out}", "cache=none",
+                              "num_samples=3", "pairs_per_prompt=3", "demos_per_prompt=3", f"check_steps={check}"])  # fmt: skip
+        stats = run(rs, cfg, backend=backend, progress=False)
+        demos = [json.loads(line)["messages"][-1]["content"] for line in (out / "sft.jsonl").open()]
+        pairs = [json.loads(line) for line in (out / "preference.jsonl").open()]
+        found[check] = (stats["correct"], stats["right_answer_wrong_steps"], sorted(demos), len(pairs))
+    # by the final answer alone two paths are right; with the steps checked only the first one is
+    assert found[False] == (
+        2,
+        0,
+        ["6 × 7 = 42. The answer is 42.", "6 × 7 = 43, so 42. The answer is 42."],
+        1,
+    )
+    assert found[True] == (1, 1, ["6 × 7 = 42. The answer is 42."], 1)
