@@ -35,7 +35,7 @@ def base_args(tmp_path, out, *overrides):
         "optimizer.lr=2e-3",
         "loss.beta=0.1",
         "rewards=[{name: 'tests.toy_rewards:AsciiShare'}]",
-        "pairs.chosen_must_pass=[]",  # the recipe's [math] names a reward these runs replace
+        "pairs.chosen_must_pass=[]",  # the recipe's [math, arithmetic] name rewards these runs replace
         "prompts_per_step=4",
         "num_samples=4",
         "sampling.max_new_tokens=16",
