@@ -131,15 +131,16 @@ class Verify(Step):
         from reward.arithmetic import ArithmeticReward
         from reward.math_reward import MathReward
 
-        verifier, steps = MathReward(answer_column=self.answer_column), ArithmeticReward()
+        verifier = MathReward(answer_column=self.answer_column)
+        arithmetic = ArithmeticReward() if self.check_steps else None
         try:
             for r in records:
                 texts = r.data["samples"]
                 out = verifier([r.data["prompt"]] * len(texts), texts,
                                **{self.answer_column: [r.data[self.answer_column]] * len(texts)})  # fmt: skip
                 scores, wrong_steps = list(out.scores), 0
-                if self.check_steps:  # a right answer on a wrong equation is an incorrect path
-                    for j, a in enumerate(steps([r.data["prompt"]] * len(texts), texts).scores):
+                if arithmetic is not None:  # a right answer on a wrong equation is an incorrect path
+                    for j, a in enumerate(arithmetic([r.data["prompt"]] * len(texts), texts).scores):
                         if scores[j] is not None and scores[j] >= 1.0 and a == 0.0:
                             scores[j], wrong_steps = 0.0, wrong_steps + 1
                 r.set("scores", scores, self.name, reward="math", answer_column=self.answer_column,

@@ -20,6 +20,7 @@ steps ("x = -32 / 7 = -6. The answer is -6."). Gating the chosen answer of onlin
 from __future__ import annotations
 
 import ast
+import operator
 import re
 from collections.abc import Sequence
 from fractions import Fraction
@@ -45,23 +46,18 @@ def _value(side: str) -> Fraction:
     return _eval(ast.parse(expr.strip(), mode="eval").body)
 
 
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
 def _eval(node: ast.AST) -> Fraction:
+    """Exact value of a parsed side; a division by zero raises ZeroDivisionError (Fraction's own)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
         return Fraction(str(node.value))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
         v = _eval(node.operand)
         return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div):
-        a, b = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Add):
-            return a + b
-        if isinstance(node.op, ast.Sub):
-            return a - b
-        if isinstance(node.op, ast.Mult):
-            return a * b
-        if b == 0:
-            raise ZeroDivisionError
-        return a / b
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _BINARY[type(node.op)](_eval(node.left), _eval(node.right))
     raise ValueError(f"not plain arithmetic: {ast.dump(node)}")
 
 
