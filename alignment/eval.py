@@ -22,7 +22,8 @@ Metrics, written flat to one JSON file (``output``, default ``<model>/eval.json`
   temperature 1 (an unbiased estimate of KL(pi || pi_ref) per answer) on the first ``kl_prompts`` prompts;
 - ``eval/general_text_nll``: token NLL on Python's ``pydoc_data.topics`` (see alignment/evaluation.py);
 - ``time/greedy_answers`` (the greedy answers of every set: one engine request) and ``time/<metric>`` (its
-  scoring; for the win rate and the KL all their work) in seconds, ``model``, the resolved config, and
+  scoring; for the win rate and the KL all their work) in seconds, ``model``, ``generation_dtype`` (the
+  engine's precision on this machine: ``generation.dtype: bf16_if_fast`` in the recipe), the resolved config, and
   ``missing``: each metric that was not measured with the reason (skipped by the config, or the sandbox refused
   to run on this machine): a metric that could not be measured is absent and named there, never a silent 0;
 - ``math_by_task``: the math accuracy per ``task`` of the held-out rows, and ``answers``: the name of the file
@@ -72,7 +73,13 @@ from alignment.evaluation import (
     reward_model_win_rate,
     sample,
 )
-from alignment.generation import GenerationConfig, SamplingConfig, make_generator, vllm_available
+from alignment.generation import (
+    GenerationConfig,
+    SamplingConfig,
+    make_generator,
+    resolve_engine_dtype,
+    vllm_available,
+)
 from alignment.models import cache_dir, load_tokenizer, resolve_model
 
 SETS = ("math", "ifeval", "code")
@@ -285,7 +292,7 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
     gen = make_generator(
         replace(cfg.generation, seed=cfg.seed), path, tokenizer, cfg.dtype, model_cfg=cfg.model_config(path)
     )
-    print(f"[eval] generating with {path} (backend {gen.name})", flush=True)
+    print(f"[eval] generating with {path} (backend {gen.name}, {engine_dtype(cfg)})", flush=True)
     # Code answers only when the sandbox can run them, or when the win rate or the KL needs them.
     wanted = [n for n in SETS if n in sets and (n != "code" or code is not None or cfg.prompt_set == "code")]
     answers, kl_answers = {}, []
@@ -342,7 +349,8 @@ def start_model_answers(cfg: EvalConfig, start: str, examples, model_path: str, 
     backend = cfg.generation.backend
     if backend == "auto":
         backend = "vllm" if vllm_available() else "transformers"
-    settings = {"max_new_tokens": cfg.max_new_tokens, "backend": backend, "dtype": cfg.dtype}
+    settings = {"max_new_tokens": cfg.max_new_tokens, "backend": backend, "dtype": cfg.dtype,
+                "engine_dtype": engine_dtype(cfg)}  # fmt: skip
     start_cfg = cfg.model_config(start)
     if start_cfg is not None:  # the long-input settings change the answers: part of the key
         settings |= {"model": to_dict(start_cfg) | {"name_or_path": None}}
@@ -369,6 +377,12 @@ def start_model_answers(cfg: EvalConfig, start: str, examples, model_path: str, 
     texts, hit = cached_values(answers_cache(cfg) / f"{key}.json", key, len(examples), generate)
     print(f"[eval] start model answers: cache {'hit' if hit else 'miss'} ({key})", flush=True)
     return texts, key
+
+
+def engine_dtype(cfg: EvalConfig) -> str:
+    """The precision the greedy and the KL's answers are generated in (``generation.dtype`` on this machine); the
+    KL's and the NLL's forwards and the judge run in ``dtype``."""
+    return resolve_engine_dtype(cfg.generation.dtype, cfg.dtype)
 
 
 def answers_cache(cfg: EvalConfig) -> Path:
@@ -501,7 +515,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     report.times["time/total"] = time.perf_counter() - t_start
     result = {"model": path, **report.metrics, **report.times, "missing": report.missing,
-              "prompts": {k: len(v) for k, v in sets.items()}, "config": to_dict(cfg)}  # fmt: skip
+              "prompts": {k: len(v) for k, v in sets.items()}, "generation_dtype": engine_dtype(cfg),
+              "config": to_dict(cfg)}  # fmt: skip
     if report.math_by_task:
         result["math_by_task"] = report.math_by_task
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,9 @@ class SamplingConfig:
 class GenerationConfig:
     # auto: vllm when it imports, else transformers (said once in the log).
     backend: Literal["auto", "vllm", "vllm_server", "transformers"] = "auto"
-    # Engine precision; auto: the policy's dtype.
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Engine precision; auto: the policy's dtype; bf16_if_fast: bfloat16 where this machine runs it fast (a CUDA
+    # GPU with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere (see resolve_engine_dtype).
+    dtype: Literal["auto", "float32", "bfloat16", "bf16_if_fast"] = "auto"
     # Longest prompt + answer the engine holds.
     max_model_len: int = 2048
     # vLLM's KV cache: GiB on CPU (VLLM_CPU_KVCACHE_SPACE), a share of GPU memory on CUDA.
@@ -121,6 +122,22 @@ def vllm_available() -> bool:
     return True
 
 
+def resolve_engine_dtype(requested: str, policy_dtype: str = "float32", fast_bf16: bool | None = None) -> str:
+    """The dtype an engine runs in: ``auto`` is the policy's dtype, ``bf16_if_fast`` is bfloat16 where this
+    machine has fast bf16 (``fast_bf16``; None: ask it, as ``training.mixed_precision: auto`` does) and float32
+    elsewhere; "float32" and "bfloat16" are kept as asked. A CPU without AVX512-BF16 or AMX runs bf16 10-100x
+    slower than fp32; one with them generated about 2x faster in bf16 (recipes/eval.yaml)."""
+    if requested == "auto":
+        return policy_dtype
+    if requested != "bf16_if_fast":
+        return requested
+    if fast_bf16 is None:
+        from alignment.training import resolve_mixed_precision
+
+        fast_bf16 = resolve_mixed_precision("auto") == "bf16"
+    return "bfloat16" if fast_bf16 else "float32"
+
+
 def make_generator(
     cfg: GenerationConfig,
     model_path: str,
@@ -147,7 +164,7 @@ def make_generator(
             print(
                 "[generation] vLLM is not installed: sampling with transformers generate (slower)", flush=True
             )
-    dtype = policy_dtype if cfg.dtype == "auto" else cfg.dtype
+    dtype = resolve_engine_dtype(cfg.dtype, policy_dtype)
     if backend == "vllm":
         return VLLMGenerator(cfg, model_path, tokenizer, dtype, engine_tokenizer=engine_tokenizer)
     if backend == "vllm_server":

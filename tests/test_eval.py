@@ -461,6 +461,21 @@ def test_the_start_model_against_itself_reuses_its_answers_and_ties(
     assert result["eval/kl_to_reference"] == 0.0
 
 
+def test_the_engine_precision_is_recorded_and_keys_the_start_models_answers(tmp_path, tiny_models, capsys):
+    """bf16 answers are other answers: the start model's cached fp32 answers are not reused for a bf16 run."""
+    from alignment.eval import main
+
+    policy, rm = tiny_models
+    off = ("ifeval.path=null", "code.path=null", "reference_model=null", "general_text_chunks=0")
+    for dtype, cache in (("float32", "miss"), ("bfloat16", "miss"), ("float32", "hit")):
+        out = tmp_path / f"{dtype}.json"
+        result = main(eval_args(tmp_path, policy, rm, *off, f"generation.dtype={dtype}", f"output={out}"))
+        log = capsys.readouterr().out
+        assert result["generation_dtype"] == dtype
+        assert f"generating with {policy} (backend transformers, {dtype})" in log
+        assert f"start model answers: cache {cache}" in log, (dtype, cache)
+
+
 @pytest.mark.vllm
 def test_vllm_backend_end_to_end(tmp_path, tiny_models, capsys):
     from alignment.eval import main
@@ -469,7 +484,7 @@ def test_vllm_backend_end_to_end(tmp_path, tiny_models, capsys):
     result = main(eval_args(tmp_path, policy, rm, "generation.backend=vllm", "generation.kv_cache_gib=1",
                             f"output={tmp_path / 'vllm.json'}"))  # fmt: skip
     log = capsys.readouterr().out
-    assert f"generating with {policy} (backend vllm)" in log
+    assert f"generating with {policy} (backend vllm, " in log
     assert "generating the start model's answers with" in log and "(backend vllm)" in log
     assert result["missing"] == {} and all(k in result for k in METRICS + TIMES)
 

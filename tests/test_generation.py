@@ -86,6 +86,24 @@ def test_auto_falls_back_to_transformers_without_vllm(monkeypatch, tiny_qwen2, q
     assert "vLLM is not installed" in capsys.readouterr().out
 
 
+def test_engine_dtype_bf16_if_fast_follows_the_hardware_and_the_rest_is_kept(monkeypatch):
+    import alignment.training as T
+    from alignment.generation import resolve_engine_dtype
+
+    assert resolve_engine_dtype("auto", "float32") == "float32"
+    assert resolve_engine_dtype("auto", "bfloat16") == "bfloat16"
+    assert resolve_engine_dtype("float32", "bfloat16") == "float32"
+    assert resolve_engine_dtype("bfloat16", "float32") == "bfloat16"
+    assert resolve_engine_dtype("bf16_if_fast", "float32", fast_bf16=True) == "bfloat16"
+    assert resolve_engine_dtype("bf16_if_fast", "bfloat16", fast_bf16=False) == "float32"
+    # Unsaid, it asks the machine as training.mixed_precision: auto does (a CPU without AVX512-BF16: fp32).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    assert resolve_engine_dtype("bf16_if_fast") == "float32"
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    assert resolve_engine_dtype("bf16_if_fast") == "bfloat16"
+
+
 def test_prompts_go_in_as_ids_without_a_second_bos(qwen_tokenizer):
     from alignment.models import load_tokenizer, resolve_model
 

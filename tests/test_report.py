@@ -77,6 +77,17 @@ def test_the_report_has_a_table_of_every_eval_metric_per_stage(tmp_path):
     # What a stage measured itself: the reward model's held-out pair accuracy.
     assert table_row(text, "eval/accuracy") == ["0.8"]
     assert "| sft | done (resumed) | 12.5 min | done | 42 s |" in text
+    assert "Answers generated in" not in text  # no eval.json says its engine's precision
+
+
+def test_the_report_says_the_precision_the_answers_were_generated_in(tmp_path):
+    run = make_run(tmp_path)
+    for stage, dtype in (("start", "bfloat16"), ("sft", "bfloat16"), ("dpo", "float32")):
+        values = json.loads((run / stage / "eval.json").read_text()) | {"generation_dtype": dtype}
+        (run / stage / "eval.json").write_text(json.dumps(values))
+    text = write_report(run).read_text()
+    assert "Answers generated in bfloat16 / float32 (`generation_dtype`)." in text
+    assert table_row(text, "metric") == ["start", "sft", "dpo", "online_dpo"]  # not a metric row
 
 
 def test_the_plots_are_valid_images_linked_from_the_report(tmp_path):
