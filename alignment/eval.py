@@ -285,13 +285,18 @@ def report_skips(cfg: EvalConfig, sets: dict, report: Report) -> None:
 
 
 def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Report):
-    """Greedy answers to every set, scored, and the KL's sampled answers: one engine, closed at the end. The
-    greedy answers of all sets are one request to the engine: a batch that never drains to the few longest
-    answers of one set before the next set starts (the same answers; in the chain 9-17 s less a stage, 10 s more
-    on the start model's long answers)."""
-    gen = make_generator(
-        replace(cfg.generation, seed=cfg.seed), path, tokenizer, cfg.dtype, model_cfg=cfg.model_config(path)
-    )
+    """Greedy answers to every set, scored, and the KL's sampled answers. The greedy answers of all sets are one
+    request to the engine: a batch that never drains to the few longest answers of one set before the next set
+    starts (the same answers; in the chain 9-17 s less a stage, 10 s more on the start model's long answers).
+    The KL's answers are sampled in ``dtype``, the precision its log-probs are computed in, so that they are
+    samples of the model the estimate is about: from the same engine when it runs in ``dtype``, else from a
+    second one, started after the first is closed."""
+
+    def engine(dtype: str):
+        gen_cfg = replace(cfg.generation, seed=cfg.seed, dtype=dtype)
+        return make_generator(gen_cfg, path, tokenizer, cfg.dtype, model_cfg=cfg.model_config(path))
+
+    gen = engine(engine_dtype(cfg))
     print(f"[eval] generating with {path} (backend {gen.name}, {engine_dtype(cfg)})", flush=True)
     # Code answers only when the sandbox can run them, or when the win rate or the KL needs them.
     wanted = [n for n in SETS if n in sets and (n != "code" or code is not None or cfg.prompt_set == "code")]
@@ -304,6 +309,10 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
             answers[n], every = every[: len(sets[n])], every[len(sets[n]) :]
         if cfg.kl:
             with report.timed("kl_to_reference"):  # samples from the model itself: temperature 1, no top-k/p
+                if engine_dtype(cfg) != cfg.dtype:
+                    gen.close()
+                    gen = engine(cfg.dtype)
+                    print(f"[eval] sampling the KL's answers in {cfg.dtype}", flush=True)
                 kl_answers = sample(gen, tokenizer, sets[cfg.prompt_set][: cfg.kl_prompts], 1,
                                     SamplingConfig(1.0, max_new_tokens=cfg.max_new_tokens))  # fmt: skip
     finally:

@@ -462,11 +462,12 @@ def test_the_start_model_against_itself_reuses_its_answers_and_ties(
 
 
 def test_the_engine_precision_is_recorded_and_keys_the_start_models_answers(tmp_path, tiny_models, capsys):
-    """bf16 answers are other answers: the start model's cached fp32 answers are not reused for a bf16 run."""
+    """bf16 answers are other answers: the start model's cached fp32 answers are not reused for a bf16 run. The
+    KL's answers are sampled in the precision of its log-probs (dtype: float32) whatever the greedy ones use."""
     from alignment.eval import main
 
     policy, rm = tiny_models
-    off = ("ifeval.path=null", "code.path=null", "reference_model=null", "general_text_chunks=0")
+    off = ("ifeval.path=null", "code.path=null", "general_text_chunks=0")
     for dtype, cache in (("float32", "miss"), ("bfloat16", "miss"), ("float32", "hit")):
         out = tmp_path / f"{dtype}.json"
         result = main(eval_args(tmp_path, policy, rm, *off, f"generation.dtype={dtype}", f"output={out}"))
@@ -474,6 +475,8 @@ def test_the_engine_precision_is_recorded_and_keys_the_start_models_answers(tmp_
         assert result["generation_dtype"] == dtype
         assert f"generating with {policy} (backend transformers, {dtype})" in log
         assert f"start model answers: cache {cache}" in log, (dtype, cache)
+        assert ("sampling the KL's answers in float32" in log) == (dtype == "bfloat16")
+        assert "eval/kl_to_reference" in result
 
 
 @pytest.mark.vllm
