@@ -126,7 +126,8 @@ def resolve_engine_dtype(requested: str, policy_dtype: str = "float32", fast_bf1
     """The dtype an engine runs in: ``auto`` is the policy's dtype, ``bf16_if_fast`` is bfloat16 where this
     machine has fast bf16 (``fast_bf16``; None: ask it, as ``training.mixed_precision: auto`` does) and float32
     elsewhere; "float32" and "bfloat16" are kept as asked. A CPU without AVX512-BF16 or AMX runs bf16 10-100x
-    slower than fp32; one with them generated about 2x faster in bf16 (recipes/eval.yaml)."""
+    slower than fp32; on one with them the evaluation's greedy answers took 54 s in bf16 against 75 s in fp32
+    (recipes/eval.yaml)."""
     if requested == "auto":
         return policy_dtype
     if requested != "bf16_if_fast":
