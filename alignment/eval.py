@@ -389,8 +389,8 @@ def start_model_answers(cfg: EvalConfig, start: str, examples, model_path: str, 
 
 
 def engine_dtype(cfg: EvalConfig) -> str:
-    """The precision the greedy and the KL's answers are generated in (``generation.dtype`` on this machine); the
-    KL's and the NLL's forwards and the judge run in ``dtype``."""
+    """The precision the greedy answers are generated in (``generation.dtype`` on this machine); the KL's answers
+    are sampled, and the KL's and the NLL's forwards and the judge run, in ``dtype``."""
     return resolve_engine_dtype(cfg.generation.dtype, cfg.dtype)
 
 

@@ -280,8 +280,9 @@ def write_report(run_dir: str | Path) -> Path:
         # part's time.
         shown = {m: v for m, v in table.items() if not m.startswith("time/") or m == "time/total"}
         plot_table(shown, evaluated, plots / "eval.png", "evaluation after each stage")
-        dtypes = {s: (read_json(run / s / "eval.json") or {}).get("generation_dtype") for s in evaluated}
-        said = sorted({d for d in dtypes.values() if d})
+        said = sorted(
+            {(read_json(run / s / "eval.json") or {}).get("generation_dtype") for s in evaluated} - {None}
+        )
         engine = f" Answers generated in {' / '.join(said)} (`generation_dtype`)." if said else ""
         lines += [f"Each stage's `eval.json` (`start`: the start model).{engine}", ""]
         lines += markdown_table(table, evaluated) + ["", "![evaluation](plots/eval.png)", ""]
