@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -551,6 +552,47 @@ def tokenize_pair(
         return None
     report.truncated += 1
     return PairSequences(*seqs)
+
+
+_STEP_END = re.compile(r"[.!?;](?=\s|$)|\n")
+
+
+def first_differing_step(tokenizer, pair: PairSequences) -> PairSequences:
+    """Both answers cut after the first step where they differ: Step-DPO's pair (Lai et al. 2024).
+
+    A step ends at a sentence end (``.``, ``!``, ``?`` or ``;`` before whitespace) or a line break. The tokens
+    both answers share before their first different token are kept; in the DPO margin they cancel, since policy
+    and reference give them the same log-probs in both. What follows the differing step is not scored: pushing
+    down "The answer is 160." after "748 - 488 = 160." would teach the model to contradict what it has written,
+    not to avoid the slip. An answer whose first differing step runs to its end is kept whole.
+    """
+    c, r = pair.chosen, pair.rejected
+    start = _prompt_len(c.labels)  # index of the first answer token
+    n = min(len(c.input_ids), len(r.input_ids))
+    d = next((t for t in range(start, n) if c.input_ids[t] != r.input_ids[t]), n)
+    return PairSequences(_cut_after_step(tokenizer, c, d), _cut_after_step(tokenizer, r, d))
+
+
+def _cut_after_step(tokenizer, seq: Sequence, d: int) -> Sequence:
+    """``seq`` up to the token that ends the step holding token ``d``; that token is the last one scored."""
+    last = max(t + 1 for t, lab in enumerate(seq.labels) if lab != IGNORE)  # the last scored token
+    if d >= last:
+        return seq
+    start = _prompt_len(seq.labels)
+    text, ends = "", []
+    for t in range(start, last + 1):  # the answer's text and where each token's text ends in it
+        text = tokenizer.decode(seq.input_ids[start : t + 1])
+        ends.append(len(text))
+    d_at = ends[d - start - 1] if d > start else 0  # where token d's text starts
+    m = _STEP_END.search(text, d_at)
+    if m is None:
+        return seq
+    e = start + next(i for i, end in enumerate(ends) if end >= m.end())  # the token holding the step's end
+    if e >= last:
+        return seq
+    cut = Sequence(seq.input_ids[: e + 1], seq.labels[: e + 1])
+    cut.labels[-1] = IGNORE  # token e is the last target; nothing after it is scored
+    return cut
 
 
 def tokenize_pairs(

@@ -26,6 +26,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from accelerate.utils import set_seed
 
@@ -39,7 +40,13 @@ from alignment.config import (
     run_cli,
     to_dict,
 )
-from alignment.data import DataReport, load_examples, normalize_preference_row, tokenize_pairs
+from alignment.data import (
+    DataReport,
+    first_differing_step,
+    load_examples,
+    normalize_preference_row,
+    tokenize_pairs,
+)
 from alignment.logprobs import TokenLogProbs
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.preference import (
@@ -66,9 +73,16 @@ from alignment.training import (
 
 
 @dataclass
+class DPODataConfig(PreferenceDataConfig):
+    # Which tokens of each answer the loss scores. answer: all of them. first_differing_step: Step-DPO's pairs
+    # (Lai et al. 2024): both answers up to the end of the first step (sentence or line) where they differ.
+    span: Literal["answer", "first_differing_step"] = "answer"
+
+
+@dataclass
 class DPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -90,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     report = DataReport()
     examples = load_examples(cfg.data, normalize_preference_row, report, rank0=accelerator.is_main_process)
     pairs = tokenize_pairs(tokenizer, examples, cfg.data, cfg.data.overlong, report)
+    if cfg.data.span == "first_differing_step":
+        pairs = [first_differing_step(tokenizer, p) for p in pairs]
     for line in report.lines():
         print0(accelerator, f"[data] {line}")
     plan = plan_batches(len(pairs), tc, world, cfg.data.seed)

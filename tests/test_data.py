@@ -211,3 +211,41 @@ def test_pair_truncation_modes_are_explicit_and_counted(qwen_tokenizer):
     # A prompt longer than the limit cannot keep its answer whole by cutting the answer: dropped and counted.
     assert tokenize_pair(qwen_tokenizer, ex, n_prompt - 5, "truncate_completion", report) is None
     assert report.dropped_overlong == 2
+
+
+def test_first_differing_step_scores_both_answers_up_to_the_end_of_the_step_where_they_differ(qwen_tokenizer):
+    from alignment.data import PreferenceExample, first_differing_step, tokenize_pair
+
+    def pair(chosen, rejected):
+        ex = PreferenceExample(
+            prompt=[{"role": "user", "content": "What is 748 minus 488?"}],
+            chosen=[{"role": "assistant", "content": chosen}],
+            rejected=[{"role": "assistant", "content": rejected}],
+        )
+        return tokenize_pair(qwen_tokenizer, ex, 10_000, "drop", DataReport())
+
+    def scored(seq):
+        return qwen_tokenizer.decode([lab for lab in seq.labels if lab != IGNORE])
+
+    # A shared first step, then a slip in the second: the shared step and the slipped one are scored, the
+    # conclusion that repeats the slip is not.
+    full = pair(
+        "First, 748 - 400 = 348. Then 348 - 88 = 260. The answer is 260.",
+        "First, 748 - 400 = 348. Then 348 - 88 = 250. The answer is 250.",
+    )
+    cut = first_differing_step(qwen_tokenizer, full)
+    assert scored(cut.chosen) == "First, 748 - 400 = 348. Then 348 - 88 = 260."
+    assert scored(cut.rejected) == "First, 748 - 400 = 348. Then 348 - 88 = 250."
+    # The cut keeps the prefix of each sequence, token for token, and scores nothing after its last token.
+    for before, after in ((full.chosen, cut.chosen), (full.rejected, cut.rejected)):
+        n = len(after.input_ids)
+        assert after.input_ids == before.input_ids[:n] and after.labels[:-1] == before.labels[: n - 1]
+        assert after.labels[-1] == IGNORE
+    # A decimal point is not a step's end; a line break is (the tokenizer writes ".\n" as one token).
+    cut = first_differing_step(qwen_tokenizer, pair("It is 2.5 km.\nSo 5.", "It is 2.4 km.\nSo 4."))
+    assert (scored(cut.chosen), scored(cut.rejected)) == ("It is 2.5 km.\n", "It is 2.4 km.\n")
+    cut = first_differing_step(qwen_tokenizer, pair("x = 3\nThe answer is 3.", "x = 4\nThe answer is 4."))
+    assert (scored(cut.chosen), scored(cut.rejected)) == ("x = 3\n", "x = 4\n")
+    # A one-step answer, or a difference in the last step, keeps the answer whole (its end-of-turn included).
+    whole = pair("The answer is 260.", "The answer is 160.")
+    assert first_differing_step(qwen_tokenizer, whole) == whole

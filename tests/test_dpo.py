@@ -72,6 +72,22 @@ def test_dpo_raises_margins_and_accuracy_and_changes_every_parameter(tmp_path, t
     assert [k for k in before if torch.equal(before[k], after[k])] == []
 
 
+def test_step_dpo_span_scores_only_up_to_the_step_where_the_answers_differ(tmp_path):
+    # The same slip, then a conclusion: with data.span=first_differing_step the conclusion is not scored, so the
+    # first step's summed log-probs (policy = reference) cover fewer tokens and are higher.
+    rows = [
+        {**p, "chosen": p["chosen"] + " So that is it.", "rejected": p["rejected"] + " So that is it."}
+        for p in PAIRS
+    ]
+    data = write_jsonl(tmp_path / "steps.jsonl", rows)
+    one_step = ["training.num_epochs=1", "training.per_device_batch_size=8"]
+    whole = read_metrics(run_dpo(tmp_path, "whole", *one_step, data=data))[0]
+    step = read_metrics(run_dpo(tmp_path, "step", *one_step, "data.span=first_differing_step", data=data))[0]
+    assert step["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert step["logps/chosen"] > whole["logps/chosen"] + 1.0
+    assert step["logps/rejected"] > whole["logps/rejected"] + 1.0
+
+
 @pytest.mark.parametrize("loss", ["ipo", "robust", "simpo"])
 def test_other_losses_train(tmp_path, loss):
     extra = ["loss.label_smoothing=0.1"] if loss == "robust" else []
