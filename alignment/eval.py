@@ -285,9 +285,11 @@ def report_skips(cfg: EvalConfig, sets: dict, report: Report) -> None:
 
 
 def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Report):
-    """Greedy answers to every set, scored, and the KL's sampled answers. The greedy answers of all sets are one
-    request to the engine: a batch that never drains to the few longest answers of one set before the next set
-    starts (the same answers; in the chain 9-17 s less a stage, 10 s more on the start model's long answers).
+    """Greedy answers to every set, scored, and the KL's sampled answers. Each set is its own request to the
+    engine, the win rate's set (``prompt_set``) first: in bf16 a greedy answer can change with what else is in
+    the batch, so one request for all sets (9-17 s less a chain stage) made a set's answers depend on which other
+    sets were evaluated, and the start model's answers cached by one evaluation (all sets) differ from those a
+    later one makes alone (19 of its 200 math answers did). A set's answers are those of that set alone.
     The KL's answers are sampled in ``dtype``, the precision its log-probs are computed in, so that they are
     samples of the model the estimate is about: from the same engine when it runs in ``dtype``, else from a
     second one, started after the first is closed."""
@@ -303,10 +305,10 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
     answers, kl_answers = {}, []
     try:
         with report.timed("greedy_answers"):
-            every = greedy_answers(gen, tokenizer, [ex for n in wanted for ex in sets[n]], cfg.max_new_tokens)
-        print(f"[eval] {len(every)} greedy answers ({', '.join(wanted)})", flush=True)
-        for n in wanted:
-            answers[n], every = every[: len(sets[n])], every[len(sets[n]) :]
+            got = {n: greedy_answers(gen, tokenizer, sets[n], cfg.max_new_tokens)
+                   for n in sorted(wanted, key=lambda n: n != cfg.prompt_set)}  # fmt: skip
+        answers = {n: got[n] for n in wanted}
+        print(f"[eval] {sum(map(len, answers.values()))} greedy answers ({', '.join(wanted)})", flush=True)
         if cfg.kl:
             with report.timed("kl_to_reference"):  # samples from the model itself: temperature 1, no top-k/p
                 if engine_dtype(cfg) != cfg.dtype:
