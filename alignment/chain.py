@@ -33,8 +33,8 @@ chain (or a new one beside a stage that a killed chain left running) out of the 
 
 Deliberate simplifications: stages run one after another in the recipe's order; a record compares the
 resolved recipe as written (a default changed in code does not rerun a stage); evaluations wait until the
-stages they need (the SFT reference, the reward model judge) exist, so the start model is evaluated after the
-reward stage; a stage resumes only if its own recipe saves checkpoints (``training.save_steps``).
+stages they need (the SFT reference, the reward model judge; the start model's only the judge, by
+``start_eval_needs``) exist, so the start model is evaluated after the reward stage; a stage resumes only if its own recipe saves checkpoints (``training.save_steps``).
 """
 
 from __future__ import annotations
@@ -125,6 +125,10 @@ class ChainConfig:
     stages: dict[str, StageConfig] = field(default_factory=dict)
     # The evaluation after every stage (and of the start model); null or enabled: false for none.
     eval: StepConfig | None = None
+    # The start model's evaluation: these overrides after eval's, and these needs instead of eval's (null:
+    # eval's). E.g. [reference_model=null] with needs [reward]: no KL to a stage the start model comes before.
+    start_eval_overrides: list[str] = field(default_factory=list)
+    start_eval_needs: list[str] | None = None
     # Write <run_dir>/report.md at the end (alignment/report.py).
     report: bool = True
 
@@ -138,9 +142,11 @@ class ChainConfig:
             for need in stage.needs:
                 if need not in names[:i]:
                     raise ValueError(f"stages.{name}.needs: {need!r} is not a stage before {name}")
-        for need in self.eval.needs if self.eval else []:
-            if need not in names:
-                raise ValueError(f"eval.needs: {need!r} is not a stage")
+        for key, needs in (("eval.needs", self.eval.needs if self.eval else []),
+                           ("start_eval_needs", self.start_eval_needs or [])):  # fmt: skip
+            for need in needs:
+                if need not in names:
+                    raise ValueError(f"{key}: {need!r} is not a stage")
 
 
 @dataclass
@@ -191,6 +197,8 @@ class Step:
     spec: StepConfig
     variables: dict[str, str]
     needs: list[str]
+    # Applied after the spec's overrides (the start model's evaluation: the chain's start_eval_overrides).
+    more_overrides: list[str] = field(default_factory=list)
 
     def file(self, name: str) -> Path:
         return self.dir / f"{self.prefix}{name}"
@@ -211,7 +219,7 @@ class Step:
         if not recipe.is_file():
             raise ConfigError(f"chain step {self.name}: recipe {recipe} not found")
         data = load_yaml(recipe.read_text(), str(recipe)) or {}
-        for ov in [*self.spec.overrides, *self.spec.extra_overrides]:
+        for ov in [*self.spec.overrides, *self.spec.extra_overrides, *self.more_overrides]:
             apply_override(data, self.sub(ov), f"chain step {self.name} (override {ov.split('=', 1)[0]})")
         return data
 
@@ -250,8 +258,12 @@ def plan(cfg: ChainConfig) -> list[Step]:
     ]
     for name, model in evaluated:
         variables = {**common, "stage_dir": str(run / name), "model": model}
-        needs = list(cfg.eval.needs) + ([name] if name != START else [])
-        steps.append(Step(f"{name}.eval", run / name, "eval.", cfg.eval, variables, needs))
+        if name == START:
+            needs = list(cfg.eval.needs if cfg.start_eval_needs is None else cfg.start_eval_needs)
+            more = list(cfg.start_eval_overrides)
+        else:
+            needs, more = list(cfg.eval.needs) + [name], []
+        steps.append(Step(f"{name}.eval", run / name, "eval.", cfg.eval, variables, needs, more))
     return steps
 
 

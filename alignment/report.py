@@ -87,7 +87,10 @@ def metric_table(run: Path, stages: list[str], file: str, prefix: str = "") -> T
         for k, v in values.items()
         if k.startswith(prefix) and isinstance(v, int | float) and not isinstance(v, bool)
     )
-    return {m: {s: _number(found[s].get(m)) for s in stages} for m in metrics}
+    # Times after the metrics and the total last, whichever stage had a metric first (the start model's
+    # evaluation may skip one).
+    ordered = sorted(metrics, key=lambda m: (m.startswith("time/"), m == "time/total"))
+    return {m: {s: _number(found[s].get(m)) for s in stages} for m in ordered}
 
 
 def task_table(run: Path, stages: list[str]) -> Table:

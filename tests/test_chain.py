@@ -237,6 +237,23 @@ def test_evaluations_run_once_what_they_need_exists(tmp_path):
     ]  # fmt: skip
 
 
+def test_the_start_models_evaluation_takes_its_own_overrides_and_needs(tmp_path):
+    chain = make_chain(tmp_path, with_eval=True)
+    # EVAL's recipe has no such key as "note": the override shows in the written config of that step only.
+    own = ["start_eval_overrides=[note=start only]", "start_eval_needs=[a]"]
+    main([str(chain), "stages.c.evaluate=false", *own])
+    order = [c["stage"] if c["stage"] != "eval" else f"eval:{Path(c['model']).name}" for c in calls(tmp_path)]
+    assert order == ["a", "eval:start-model", "b", "eval:a", "eval:b", "c"]  # start's waits only for a
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "start" / "eval.config.yaml").read_text())["note"] == "start only"
+    assert "note" not in yaml.safe_load((run / "a" / "eval.config.yaml").read_text())
+    # b changed: every evaluation that needs b reruns, the start model's does not.
+    main([str(chain), "stages.c.evaluate=false", *own, "stages.b.extra_overrides=[value=2]"])
+    assert [c.get("model", c["stage"]).split("/")[-1] for c in calls(tmp_path)] == ["b", "a", "b", "c"]
+    with pytest.raises(ValueError, match="start_eval_needs: 'x' is not a stage"):
+        load_chain(chain, ["start_eval_needs=[x]"])
+
+
 def test_the_chain_runs_without_evaluation(tmp_path):
     chain = make_chain(tmp_path, with_eval=True)
     main([str(chain), "eval.enabled=false"])
@@ -349,7 +366,11 @@ def test_the_shipped_chain_hands_each_stage_the_one_before(monkeypatch):
         "outputs/chain/sft/eval.json",
     )
     assert config["start.eval"]["model"] == config["start.eval"]["start_model"] == "smollm2-135m-instruct"
-    assert config["start.eval"]["reference_model"] == "outputs/chain/sft"
+    assert config["start.eval"]["reference_model"] is None  # no KL to SFT, which the start model comes before
+    assert (
+        steps["start.eval"].needs == ["reward"]
+        and config["dpo.eval"]["reference_model"] == "outputs/chain/sft"
+    )
     assert config["start.eval"]["reward_model"] == "outputs/chain/reward"
     assert steps["sft"].command() == [
         "accelerate",

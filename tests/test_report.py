@@ -80,6 +80,26 @@ def test_the_report_has_a_table_of_every_eval_metric_per_stage(tmp_path):
     assert "Answers generated in" not in text  # no eval.json says its engine's precision
 
 
+def test_a_metric_the_start_model_skipped_stays_among_the_metrics_and_the_total_time_comes_last(tmp_path):
+    run = tmp_path / "run"
+    evals = {
+        # The chain's start model has no KL to the SFT model: eval.py writes why instead of a number.
+        "start": {"eval/math": 0.0, "eval/kl": "skipped: reference_model is null", "time/total": 9.0},
+        "sft": {"eval/math": 0.2, "eval/kl": 0.0, "time/total": 8.0, "time/kl": 1.0},
+    }
+    for stage, values in evals.items():
+        (run / stage).mkdir(parents=True)
+        (run / stage / "eval.json").write_text(json.dumps(values))
+    text = write_report(run).read_text()
+    rows = [
+        line.split("|")[1].strip()
+        for line in text.splitlines()
+        if line.startswith("| eval/") or line.startswith("| time/")
+    ]
+    assert rows == ["eval/math", "eval/kl", "time/kl", "time/total"]
+    assert table_row(text, "eval/kl") == ["missing", "0"]
+
+
 def test_the_report_says_the_precision_the_answers_were_generated_in(tmp_path):
     run = make_run(tmp_path)
     for stage, dtype in (("start", "bfloat16"), ("sft", "bfloat16"), ("dpo", "float32")):
