@@ -34,7 +34,8 @@ chain (or a new one beside a stage that a killed chain left running) out of the 
 Deliberate simplifications: stages run one after another in the recipe's order; a record compares the
 resolved recipe as written (a default changed in code does not rerun a stage); evaluations wait until the
 stages they need (the SFT reference, the reward model judge; the start model's only the judge, by
-``start_eval_needs``) exist, so the start model is evaluated after the reward stage; a stage resumes only if its own recipe saves checkpoints (``training.save_steps``).
+``start_eval_needs``) exist, so the start model is evaluated after the reward stage; a stage resumes only if
+its own recipe saves checkpoints (``training.save_steps``).
 """
 
 from __future__ import annotations
