@@ -40,6 +40,7 @@ its own recipe saves checkpoints (``training.save_steps``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -198,8 +199,6 @@ class Step:
     spec: StepConfig
     variables: dict[str, str]
     needs: list[str]
-    # Applied after the spec's overrides (the start model's evaluation: the chain's start_eval_overrides).
-    more_overrides: list[str] = field(default_factory=list)
 
     def file(self, name: str) -> Path:
         return self.dir / f"{self.prefix}{name}"
@@ -220,7 +219,7 @@ class Step:
         if not recipe.is_file():
             raise ConfigError(f"chain step {self.name}: recipe {recipe} not found")
         data = load_yaml(recipe.read_text(), str(recipe)) or {}
-        for ov in [*self.spec.overrides, *self.spec.extra_overrides, *self.more_overrides]:
+        for ov in [*self.spec.overrides, *self.spec.extra_overrides]:
             apply_override(data, self.sub(ov), f"chain step {self.name} (override {ov.split('=', 1)[0]})")
         return data
 
@@ -259,12 +258,13 @@ def plan(cfg: ChainConfig) -> list[Step]:
     ]
     for name, model in evaluated:
         variables = {**common, "stage_dir": str(run / name), "model": model}
-        if name == START:
+        spec, needs = cfg.eval, list(dict.fromkeys([*cfg.eval.needs, name]))
+        if name == START:  # its own overrides after eval's, and its own needs
+            spec = dataclasses.replace(
+                spec, extra_overrides=[*spec.extra_overrides, *cfg.start_eval_overrides]
+            )
             needs = list(cfg.eval.needs if cfg.start_eval_needs is None else cfg.start_eval_needs)
-            more = list(cfg.start_eval_overrides)
-        else:
-            needs, more = list(cfg.eval.needs) + [name], []
-        steps.append(Step(f"{name}.eval", run / name, "eval.", cfg.eval, variables, needs, more))
+        steps.append(Step(f"{name}.eval", run / name, "eval.", spec, variables, needs))
     return steps
 
 
