@@ -513,6 +513,9 @@ def collate_pairs(pairs: list[PairSequences], share_prompt: bool) -> tuple[Batch
 class PairSequences:
     chosen: Sequence
     rejected: Sequence
+    # Whether the loss's NLL term (``loss.nll_weight``) covers the chosen answer: online DPO clears it for a
+    # pair whose chosen answer no verifier vouched for (``pairs.unverified: judge``).
+    nll: bool = True
 
 
 def _prompt_len(labels: list[int]) -> int:

@@ -277,12 +277,13 @@ def pick_pairs(idxs, answers, scores, prompt_ids, cfg: PairSelectionConfig, rng,
             pairs.append(PairSequences(
                 answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
                 answer_sequence(prompt_ids[i], group[sel.rejected].token_ids),
+                nll=sel.verified,
             ))  # fmt: skip
             margins.append(sel.margin)
         else:
             drops[sel.reason] += 1
         rows.append({"prompt": i, "answers": texts, "scores": s, "chosen": sel.chosen,
-                     "rejected": sel.rejected, "dropped": sel.reason})  # fmt: skip
+                     "rejected": sel.rejected, "dropped": sel.reason, "verified": sel.verified})  # fmt: skip
     return pairs, drops, margins, rows
 
 
@@ -331,6 +332,7 @@ def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
         "score_sum": sum(valid), "score_n": len(valid),
         "max_sum": sum(max(p) for p in per_prompt if p), "min_sum": sum(min(p) for p in per_prompt if p),
         "prompts_scored": sum(1 for p in per_prompt if p), "margin_sum": sum(margins), "pairs": len(pairs),
+        "unverified_pairs": sum(not p.nll for p in pairs),
         "prompts": len(idxs), "answers": len(flat), "tokens": sum(len(a.token_ids) for _, a in flat),
         "clipped": sum(not a.finished for _, a in flat), **{f"drop_{r}": n for r, n in drops.items()},
         **{f"component/{lab}": sum(v for v in vs if v is not None) for lab, vs in components.items()},
@@ -347,6 +349,7 @@ def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
         "online/dropped_unscored": total["drop_unscored"],
         "online/dropped_identical": total["drop_identical"],
         "online/dropped_unverified": total["drop_unverified"],
+        "online/unverified_pairs": total["unverified_pairs"],
         "completions/mean_length": total["tokens"] / max(1, total["answers"]),
         "completions/clipped_ratio": total["clipped"] / max(1, total["answers"]),
         **{f"objective/scores/{k.split('/', 1)[1]}": v / max(1, total[f"component_n/{k.split('/', 1)[1]}"])

@@ -33,12 +33,17 @@ prompt's answers, only an answer with full marks (score >= 1) from every such ve
 and a prompt with no eligible answer is dropped as ``unverified``. Without it, a prompt none of whose answers is
 right still gives a pair whose chosen answer is wrong (the reward model ranks two wrong answers), and DPO raises
 the likelihood of that wrong answer.
+
+``unverified: judge`` keeps such a prompt instead: its pair is chosen among all scored answers, as without
+``chosen_must_pass``, and is marked unverified (``Selection.verified`` False), so that the loss's NLL term
+skips its chosen answer. A verified pair teaches correctness (DPO + NLL of a right answer, Iterative RPO); an
+unverified one only the judge's taste between two answers no verifier passed (the DPO term alone).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 DROP_REASONS = ("unscored", "identical", "tie", "small_margin", "unverified")
@@ -55,6 +60,9 @@ class PairSelectionConfig:
     unfinished_penalty: float = 0.0
     # Labels of verifier components (e.g. [math]): where one judged a prompt, the chosen answer must pass it.
     chosen_must_pass: list[str] = field(default_factory=list)
+    # A prompt where chosen_must_pass leaves no eligible answer: drop it (counted as unverified), or judge: pair
+    # its answers by score alone, marked unverified (no NLL term on its chosen answer).
+    unverified: Literal["drop", "judge"] = "drop"
 
     def __post_init__(self) -> None:
         if self.min_margin < 0 or self.length_penalty < 0 or self.unfinished_penalty < 0:
@@ -71,6 +79,7 @@ class Selection:
     rejected: int | None
     reason: str | None = None
     margin: float = 0.0  # adjusted chosen - adjusted rejected
+    verified: bool = True  # False: chosen_must_pass judged the prompt and its chosen answer did not pass
 
     @property
     def ok(self) -> bool:
@@ -117,20 +126,26 @@ def select_pair(
     eligible = scored
     if passed is not None and any(p is not None for p in passed):
         eligible = [j for j in scored if passed[j]]
-        if not eligible:
+        if not eligible and cfg.unverified == "drop":
             return Selection(None, None, "unverified")
     if cfg.strategy == "greedy_anchor":
         sel = _greedy_anchor(adj, texts, scored, cfg.min_margin)
-        return sel if not sel.ok or sel.chosen in eligible else Selection(None, None, "unverified")
-    best = max(eligible, key=lambda j: (adj[j], -j))  # the earliest of equal bests
-    others = [j for j in scored if texts[j] != texts[best]]
-    if not others:
-        return Selection(None, None, "identical")
-    if cfg.strategy == "best_worst":
-        worst = min(others, key=lambda j: (adj[j], j))
     else:
-        worst = rng.choice(others)
-    return _pair(best, worst, adj, cfg.min_margin)
+        best = max(eligible or scored, key=lambda j: (adj[j], -j))  # the earliest of equal bests
+        others = [j for j in scored if texts[j] != texts[best]]
+        if not others:
+            return Selection(None, None, "identical")
+        if cfg.strategy == "best_worst":
+            worst = min(others, key=lambda j: (adj[j], j))
+        else:
+            worst = rng.choice(others)
+        sel = _pair(best, worst, adj, cfg.min_margin)
+    if not sel.ok or sel.chosen in eligible:
+        return sel
+    # The chosen answer failed a verifier: only a prompt with no eligible answer may keep it, marked unverified.
+    if eligible or cfg.unverified == "drop":
+        return Selection(None, None, "unverified")
+    return replace(sel, verified=False)
 
 
 def _pair(chosen: int, rejected: int, adj, min_margin: float) -> Selection:

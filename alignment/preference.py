@@ -93,8 +93,9 @@ def pair_logps(logprob_fn, pairs: list[PairSequences], device) -> PairLogps:
     return PairLogps(sums[0::2], sums[1::2], lens[0::2], lens[1::2])
 
 
-def pair_losses(cfg: LossConfig, lp: PairLogps, ref_c, ref_r) -> tuple[torch.Tensor, ...]:
-    """Per-pair losses and the implicit rewards reported as rewards/chosen and rewards/rejected."""
+def pair_losses(cfg: LossConfig, lp: PairLogps, ref_c, ref_r, nll_mask=None) -> tuple[torch.Tensor, ...]:
+    """Per-pair losses and the implicit rewards reported as rewards/chosen and rewards/rejected.
+    ``nll_mask`` ((B,), 1 or 0): which pairs the NLL term covers (None: all)."""
     c, r, len_c, len_r = lp.chosen, lp.rejected, lp.chosen_len, lp.rejected_len
     nll = L.nll_term(c, len_c)
     if cfg.name == "simpo":
@@ -110,7 +111,7 @@ def pair_losses(cfg: LossConfig, lp: PairLogps, ref_c, ref_r) -> tuple[torch.Ten
             losses = L.dpo_sigmoid_loss(c, r, ref_c, ref_r, cfg.beta, cfg.label_smoothing)
         rc, rr = L.implicit_rewards(c, ref_c, cfg.beta), L.implicit_rewards(r, ref_r, cfg.beta)
     if cfg.nll_weight:
-        losses = losses + cfg.nll_weight * nll
+        losses = losses + cfg.nll_weight * (nll if nll_mask is None else nll * nll_mask)
     return losses, rc, rr
 
 
@@ -271,7 +272,10 @@ def preference_step(
     """
     lp = pair_logps(policy, pairs, accelerator.device)
     ref_c, ref_r = reference.logps(pairs, idxs, policy, accelerator, lp.chosen)
-    losses, rc, rr = pair_losses(loss_cfg, lp, ref_c, ref_r)
+    mask = None
+    if not all(p.nll for p in pairs):
+        mask = torch.tensor([float(p.nll) for p in pairs], device=lp.chosen.device, dtype=lp.chosen.dtype)
+    losses, rc, rr = pair_losses(loss_cfg, lp, ref_c, ref_r, mask)
     accelerator.backward(losses.sum() / global_batch * accelerator.num_processes)
     d = lambda t: t.detach().double().sum()  # noqa: E731
     return {

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignment import losses as L
+from alignment.preference import LossConfig, PairLogps, pair_losses
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -79,3 +80,14 @@ def test_nll_term_and_bradley_terry_by_hand():
     assert L.nll_term(T(-10.0), T(5.0)).item() == pytest.approx(2.0)
     assert L.bradley_terry_loss(T(1.0), T(0.5)).item() == pytest.approx(0.47407698418010663, rel=1e-12)
     assert L.implicit_rewards(T(-10.0), T(-11.0), 0.5).item() == pytest.approx(0.5)
+
+
+def test_pair_losses_nll_mask_leaves_the_nll_term_out_of_unverified_pairs():
+    """Two identical pairs, chosen -10 over 5 tokens, rejected -12 over 4, reference equal to the policy
+    (so the DPO term is log 2); nll_weight 1: the first pair adds the NLL term 10 / 5 = 2, the masked one not."""
+    lp = PairLogps(T(-10.0, -10.0), T(-12.0, -12.0), T(5.0, 5.0), T(4.0, 4.0))
+    cfg = LossConfig(name="sigmoid", beta=0.1, nll_weight=1.0)
+    losses, _, _ = pair_losses(cfg, lp, lp.chosen, lp.rejected, nll_mask=T(1.0, 0.0))
+    assert losses.tolist() == pytest.approx([math.log(2) + 2.0, math.log(2)], rel=1e-12)
+    unmasked, _, _ = pair_losses(cfg, lp, lp.chosen, lp.rejected)
+    assert unmasked.tolist() == pytest.approx([math.log(2) + 2.0] * 2, rel=1e-12)

@@ -138,6 +138,29 @@ def test_greedy_anchor_drops_a_pair_whose_chosen_answer_failed():
     assert (sel.chosen, sel.rejected) == (1, 0)  # sampled 1 beats the greedy answer, and it passed
 
 
+def test_unverified_judge_keeps_a_prompt_no_answer_passed_as_an_unverified_pair_by_score():
+    sel = pick([3.0, 2.0, -1.0, 0.5], passed=[False, False, False, False], unverified="judge")
+    assert (sel.chosen, sel.rejected, sel.reason, sel.verified) == (0, 2, None, False)
+    assert sel.margin == pytest.approx(4.0)  # 3.0 - (-1.0)
+    # A prompt with a right answer still gets the verified pair, whatever the setting.
+    sel = pick([3.0, 2.0, -1.0, 0.5], passed=[False, True, False, True], unverified="judge")
+    assert (sel.chosen, sel.rejected, sel.verified) == (1, 2, True)
+    # Ties and identical answers are still dropped for their own reasons.
+    sel = pick([1.0, 1.0, 1.0, 1.0], passed=[False] * 4, unverified="judge")
+    assert sel.reason == "tie"
+
+
+def test_unverified_judge_with_greedy_anchor_keeps_only_prompts_with_no_right_answer():
+    # No answer passed: the greedy-anchored pair (0, worst) is kept, unverified.
+    sel = pick([3.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", passed=[False] * 4, unverified="judge")
+    assert (sel.chosen, sel.rejected, sel.verified) == (0, 2, False)
+    # A right answer exists (1) but the pair chose the failed greedy answer: dropped, as with drop.
+    sel = pick(
+        [3.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", passed=[False, True, False, True], unverified="judge"
+    )
+    assert sel.reason == "unverified"
+
+
 def test_verified_needs_full_marks_from_every_named_verifier_that_judged():
     components = {
         "math": [1.0, 0.0, None, None, 1.0],
