@@ -1,13 +1,20 @@
-"""Pair selection by hand-made score tables: ties, margins, None scores, identical answers, penalties, and the
-verifier that limits the chosen answer."""
+"""Pair selection by hand-made score tables: ties, margins, None scores, identical answers, penalties, the
+verifier that limits the chosen answer, and unverified pairs that reach the loss without the NLL term."""
 
 from __future__ import annotations
 
+import math
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from alignment.data import IGNORE
+from alignment.generation import Completion
+from alignment.online_dpo import pick_pairs
 from alignment.pair_selection import PairSelectionConfig, adjusted_scores, select_pair, verified
+from alignment.preference import LossConfig, Reference, preference_step
 
 TEXTS = ["a", "b", "c", "d"]
 LENS = [10, 10, 10, 10]
@@ -174,3 +181,45 @@ def test_verified_needs_full_marks_from_every_named_verifier_that_judged():
 def test_a_label_listed_twice_is_an_error():
     with pytest.raises(ValueError, match="chosen_must_pass"):
         PairSelectionConfig(chosen_must_pass=["math", "math"])
+
+
+def test_an_unverified_pair_reaches_the_loss_without_the_nll_term():
+    """pick_pairs marks the pair of a prompt with no right answer, and preference_step leaves the NLL term out of
+    it. The fake policy gives every answer token log-prob w = -1 (reference equal, so each DPO term is log 2):
+    chosen answers of 2 tokens, NLL 2 / 2 = 1; the step's loss is the mean over its 2 pairs, (log 2 + 1 + log 2)/2
+    with the mask, log 2 + 1 without."""
+
+    def group(*token_lists):
+        return [Completion(f"answer {t}", t, True) for t in token_lists]
+
+    answers = [group([5, 6], [7], [8, 9, 10]), group([11, 12], [13], [14, 15, 16])]
+    scores = [[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]]
+    passed = [[True, False, False], [False, False, False]]  # prompt 1: no right answer
+    cfg = PairSelectionConfig(chosen_must_pass=["math"], unverified="judge")
+    pairs, drops, _, rows = pick_pairs(
+        [0, 1], answers, scores, [[1, 2], [3, 4]], cfg, random.Random(0), passed
+    )
+    assert [p.nll for p in pairs] == [True, False] and [r["verified"] for r in rows] == [True, False]
+    assert drops["unverified"] == 0
+
+    class Policy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
+
+        def forward(self, input_ids, position_ids, labels):
+            return self.w.expand(int((labels != IGNORE).sum()))
+
+    accelerator = SimpleNamespace(device="cpu", num_processes=1, backward=lambda loss: loss.backward())
+    reference = Reference("model", frozen=Policy())  # the same log-probs: each DPO term is log 2
+    loss_cfg = LossConfig(name="sigmoid", beta=0.1, nll_weight=1.0)
+
+    def step_loss(pairs):  # the mean loss over the step's pairs
+        return preference_step(Policy(), reference, pairs, None, loss_cfg, accelerator, len(pairs))[
+            "loss"
+        ].item() / len(pairs)
+
+    assert step_loss(pairs) == pytest.approx((2 * math.log(2) + 1) / 2, rel=1e-12)
+    for p in pairs:
+        p.nll = True
+    assert step_loss(pairs) == pytest.approx(math.log(2) + 1, rel=1e-12)
