@@ -22,7 +22,6 @@ Deliberate simplifications: the reference model is not sharded under FSDP / ZeRO
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,8 +64,10 @@ from alignment.training import (
     checkpoint_if_due,
     finish,
     make_accelerator,
+    micro_batch,
     plan_batches,
     print0,
+    print_sharding,
     progress_bar,
     resume_step,
 )
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
+    print_sharding(accelerator, policy)
     accelerator.register_for_checkpointing(scheduler)
 
     start = resume_step(accelerator, tc)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         micro = plan.micro_batches(step, rank, world, tc.gradient_accumulation_steps)
         for k, idxs in enumerate(micro):
             mb = [pairs[i] for i in idxs]
-            sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(policy)
+            sync = micro_batch(accelerator, policy, last=k == len(micro) - 1)
             with sync, accelerator.autocast():
                 part = preference_step(policy, reference, mb, idxs, cfg.loss, accelerator, G)
             sums = add_sums(sums, part)

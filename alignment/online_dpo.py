@@ -29,7 +29,6 @@ overlap); with several processes each samples its own share of prompts with its 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import sys
@@ -81,10 +80,13 @@ from alignment.training import (
     build_optimizer,
     build_scheduler,
     checkpoint_if_due,
+    deepspeed_launch,
     finish,
     make_accelerator,
+    micro_batch,
     plan_batches,
     print0,
+    print_sharding,
     progress_bar,
     resume_step,
 )
@@ -300,7 +302,7 @@ def dpo_update(
     n_micro = int(accelerator.reduce(mine, reduction="max"))
     for k in range(n_micro):
         mb = pairs[k * bs : (k + 1) * bs]
-        sync = contextlib.nullcontext() if k == n_micro - 1 else accelerator.no_sync(policy)
+        sync = micro_batch(accelerator, policy, last=k == n_micro - 1)
         with sync, accelerator.autocast():
             if mb:
                 sums = add_sums(sums, preference_step(policy, reference, mb, None, cfg.loss, accelerator, G))
@@ -362,6 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     where = args[0] if args and "=" not in args[0] else "command line"
     tc = cfg.training
+    if deepspeed_launch():  # before anything loads
+        raise ConfigError(
+            f"{where}: online DPO does not run under DeepSpeed: it pushes the policy's whole weights into its "
+            "sampler after every step, and ZeRO-3's processes each hold a shard; launch it with a DDP or FSDP2 "
+            "config of recipes/accelerate/"
+        )
     accelerator = make_accelerator(tc)
     set_seed(tc.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -394,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
+    print_sharding(accelerator, policy)
     accelerator.register_for_checkpointing(scheduler)
     start = resume_step(accelerator, tc)
 

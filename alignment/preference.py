@@ -30,7 +30,7 @@ from alignment.data import IGNORE, PairSequences, collate_pairs
 from alignment.logprobs import TokenLogProbs, unwrap
 from alignment.models import cache_dir, load_causal_lm
 from alignment.reference import cache_key, cached_reference_logps, fingerprint_model, fingerprint_pairs
-from alignment.training import print0, resolve_mixed_precision
+from alignment.training import print0, resolve_mixed_precision, whole_model
 
 
 @dataclass
@@ -196,7 +196,8 @@ def build_reference(
         raise ValueError(
             "reference.mode: previous copies full weights; with model.lora use lora_base or model"
         )
-    ref = load_causal_lm(model_cfg, max_length, name, trainable=False)
+    with whole_model(accelerator):  # every process holds the frozen reference whole, also under ZeRO-3
+        ref = load_causal_lm(model_cfg, max_length, name, trainable=False)
     frozen = TokenLogProbs(ref.to(accelerator.device), tc.logits_chunk_size)
     if mode in ("model", "previous"):
         return Reference(mode, frozen=frozen)

@@ -16,7 +16,6 @@ higher) is reported as ``eval/accuracy`` every ``eval_steps`` and at the end. Th
 
 from __future__ import annotations
 
-import contextlib
 import random
 import sys
 from dataclasses import dataclass, field
@@ -53,8 +52,10 @@ from alignment.training import (
     checkpoint_if_due,
     finish,
     make_accelerator,
+    micro_batch,
     plan_batches,
     print0,
+    print_sharding,
     progress_bar,
     resume_step,
 )
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     scorer, optimizer = accelerator.prepare(SequenceScores(model), optimizer)
+    print_sharding(accelerator, scorer)
     accelerator.register_for_checkpointing(scheduler)
 
     start = resume_step(accelerator, tc)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
         micro = plan.micro_batches(step, rank, world, tc.gradient_accumulation_steps)
         for k, idxs in enumerate(micro):
-            sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer)
+            sync = micro_batch(accelerator, scorer, last=k == len(micro) - 1)
             with sync, accelerator.autocast():
                 c, r = pair_scores(scorer, [pairs[i] for i in idxs], accelerator.device)
                 losses = bradley_terry_loss(c, r)

@@ -22,7 +22,6 @@ hundred thousand examples); no evaluation loop yet (the whole-chain recipe will 
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,8 +53,10 @@ from alignment.training import (
     checkpoint_if_due,
     finish,
     make_accelerator,
+    micro_batch,
     plan_batches,
     print0,
+    print_sharding,
     progress_bar,
     resume_step,
 )
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     policy, optimizer = accelerator.prepare(RoutedTokenLogProbs(model, tc.logits_chunk_size), optimizer)
+    print_sharding(accelerator, policy)
     accelerator.register_for_checkpointing(scheduler)  # not `prepare`d: it would step once per process
 
     start = resume_step(accelerator, tc)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         nll_sum = torch.zeros((), device=accelerator.device)
         for k, idxs in enumerate(micro):
             batch = collate([s for i in idxs for s in items[i]]).to(accelerator.device)
-            sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(policy)
+            sync = micro_batch(accelerator, policy, last=k == len(micro) - 1)
             with sync, accelerator.autocast():
                 # (N,) labelled tokens; router logits: one (T, E) per MoE layer, () for a dense model
                 logps, router_logits = policy(batch.input_ids, batch.position_ids, batch.labels)

@@ -9,6 +9,7 @@ label count, so their gradients agree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,38 +51,66 @@ def resolve_mixed_precision(requested: str, cpuinfo: str | None = None, cuda: bo
     return "bf16" if cpu_has_fast_bf16(cpuinfo) else "no"
 
 
+def deepspeed_launch() -> bool:
+    """True when `accelerate launch` was given a DeepSpeed config (e.g. recipes/accelerate/zero3.yaml)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+
+
 def make_accelerator(tc: TrainingConfig):
     """The Accelerator every entry point uses.
 
     On a machine without CUDA, processes started by torchrun (``accelerate launch --multi_gpu`` or a DDP
     config) only form a process group when Accelerator is told ``cpu=True``; otherwise each one silently trains
     alone with world size 1. We set it, and refuse to run if the launcher's world size was still lost.
+
+    A DeepSpeed launch is the exception: ``cpu=True`` would turn it into plain data parallel without a word, so
+    without CUDA DeepSpeed runs on its CPU accelerator over gloo instead (ZeRO-3 shards parameters, gradients and
+    optimizer state there too). Its config gets the run's micro-batch and clipping; the training loops mark the
+    last micro-batch of each optimizer step (``micro_batch``), where DeepSpeed steps its optimizer.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     precision = resolve_mixed_precision(tc.mixed_precision)
+    cuda = torch.cuda.is_available()
+    deepspeed = deepspeed_launch()
+    handlers = [
+        DistributedDataParallelKwargs(find_unused_parameters=True)
+    ]  # MoE: unrouted experts get no grad
+    if deepspeed and not cuda:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=precision,
-        # MoE layers leave unrouted experts without gradients in a step.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        cpu=not cuda and not deepspeed, mixed_precision=precision, kwargs_handlers=handlers
     )
     if tc.mixed_precision == "auto" and accelerator.is_main_process:
         print(f"[train] mixed_precision auto -> {precision}", flush=True)
-    if not torch.cuda.is_available():
+    if not cuda:
         # `accelerate launch` pins each CPU process to one thread (OMP_NUM_THREADS=1): on a CPU machine that
         # leaves cores idle. Share them among this machine's processes instead: the cores this process may run
         # on (taskset, a container's cpuset), not every core of the host.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, usable_cpus() // local))
-    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         # Accelerator(cpu=True) turns an FSDP launch config into MULTI_CPU: plain data parallel over gloo.
         print0(
             accelerator,
             f"[train] FSDP was asked for, but without CUDA accelerate runs it as plain data parallel "
             f"({accelerator.distributed_type.value}, gloo): every process holds the whole model and optimizer; "
             f"the losses are those of the same global batch, the memory is not sharded",
+        )
+    if deepspeed:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        # One DeepSpeed micro-step per optimizer step: the loops accumulate micro-batches themselves (their
+        # losses are already normalised by the global batch) and say which one is the last.
+        ds["train_micro_batch_size_per_gpu"] = tc.per_device_batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = tc.per_device_batch_size * accelerator.num_processes
+        ds["gradient_clipping"] = tc.max_grad_norm
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        print0(
+            accelerator,
+            f"[train] DeepSpeed ZeRO-{stage} on {'CUDA' if cuda else 'CPU (gloo)'}, "
+            f"{accelerator.num_processes} processes",
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -90,6 +119,66 @@ def make_accelerator(tc: TrainingConfig):
             "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or a recipes/accelerate config"
         )
     return accelerator
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, model, last: bool):
+    """The context of one micro-batch's forward and backward within an optimizer step.
+
+    DDP: gradients are all-reduced only after the last micro-batch (``no_sync`` before it). DeepSpeed: its
+    engine is told whether this is the step's last micro-batch; there it reduces the gradients, clips them and
+    steps the optimizer inside ``accelerator.backward`` (the loop's ``optimizer.step()`` is then a no-op).
+    """
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+    elif last:
+        yield
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
+@contextlib.contextmanager
+def whole_model(accelerator):
+    """The context to load a model every process holds whole (a frozen reference that DeepSpeed never wraps):
+    under ZeRO-3, transformers loads a model partitioned (zero.Init), and such a model cannot run a forward on
+    its own. Inside, transformers does not see the DeepSpeed config; it sees it again after."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def print_sharding(accelerator, model) -> None:
+    """Under DeepSpeed, one line per process: how much of the model's parameters it holds."""
+    if accelerator.state.deepspeed_plugin is not None:
+        held, total = shard_report(model)
+        print(
+            f"[train] process {accelerator.process_index} holds {held} of {total} parameter entries",
+            flush=True,
+        )
+
+
+def shard_report(model) -> tuple[int, int]:
+    """(parameter entries this process holds, entries of the whole model): equal unless ZeRO-3 shards them."""
+    held = total = 0
+    for p in model.parameters():
+        full = getattr(p, "ds_numel", p.numel())  # ZeRO-3: the full size; p itself holds no data
+        part = getattr(p, "ds_tensor", None)
+        held += part.numel() if part is not None else p.numel()
+        total += full
+    return held, total
 
 
 def usable_cpus() -> int:
@@ -131,6 +220,12 @@ def build_optimizer(
         ]
         groups = [g for g in groups if g["params"]]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if deepspeed_launch():
+        raise ValueError(
+            f"optimizer.name: {cfg.name} needs each parameter whole (its mask and base weights are per tensor), "
+            "but DeepSpeed hands the optimizer flat shards of the parameters: use optimizer.name=adamw, or a "
+            "DDP / FSDP2 launch config"
+        )
     from alignment.merging_setup import build_merging_optimizer
 
     return build_merging_optimizer(cfg, model, named, max_length, seed)

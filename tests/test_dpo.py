@@ -213,6 +213,49 @@ def test_two_processes_give_the_same_loss_as_one(tmp_path):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_zero3_over_two_processes_gives_the_losses_of_one(tmp_path, reference):
+    """recipes/accelerate/zero3.yaml with 2 processes (on CPU: DeepSpeed's CPU accelerator over gloo): the
+    policy is sharded, the frozen reference is loaded whole in each process (loaded under ZeRO-3's zero.Init it
+    could not run a forward), and the losses are those of 1 process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    pytest.importorskip("deepspeed")
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    common = [
+        "model.name_or_path=tiny-qwen2", f"data.sources=[{{path: {data}}}]", "data.max_length=64",
+        "training.mixed_precision=no", "loss.nll_weight=0.0", "training.max_steps=2", "optimizer.lr=5e-4",
+        "loss.beta=0.5", f"reference.mode={reference}", f"reference.cache_dir={tmp_path / 'ref'}",
+        "logging.report_to=[]", "logging.progress_bar=false", "training.per_device_batch_size=2",
+    ]  # fmt: skip
+    one = run_dpo(tmp_path, "one", *common, "training.gradient_accumulation_steps=2", data=data)
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
+        "--mixed_precision", "no", str(REPO / "alignment/dpo.py"), str(REPO / "recipes/dpo.yaml"), *common,
+        "training.gradient_accumulation_steps=1", f"training.output_dir={two}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "[train] DeepSpeed ZeRO-3 on" in proc.stdout and proc.stdout.count("holds 9853376 of 19706752") == 2
+    )
+    a, b = read_metrics(one), read_metrics(two)
+    # The second step's implicit rewards follow one Adam step (lr 5e-4; margins about 5e-3): DeepSpeed's other
+    # gradient summation order moved them by up to 3e-6 here, a missed step would leave them at 0.
+    for x, y in zip(a, b, strict=True):
+        for k in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
+    assert b[-1]["rewards/margins"] != 0
+
+
 def test_dpo_with_the_online_merging_optimizer_trains_and_resumes_identically(tmp_path, tiny_qwen2):
     """optimizer.name: ondare from the recipe; tau = (the start model) - (tiny-qwen2). An interrupted and
     resumed run (masks, tau and moments restored through accelerate's checkpoint) ends with the same weights."""

@@ -95,6 +95,18 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, rows, ove
         od.main(base_args(tmp_path, tmp_path / "out", f"data.sources=[{{path: {data}}}]", *override))
 
 
+def test_a_deepspeed_launch_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """ZeRO-3 processes hold shards, and online DPO pushes whole weights into its sampler: refused, named."""
+    import alignment.online_dpo as od
+
+    monkeypatch.setenv(
+        "ACCELERATE_USE_DEEPSPEED", "true"
+    )  # what `accelerate launch` sets for a DeepSpeed config
+    monkeypatch.setattr(od, "make_accelerator", lambda *a: pytest.fail("the accelerator was made"))
+    with pytest.raises(ConfigError, match="online DPO does not run under DeepSpeed"):
+        od.main(base_args(tmp_path, tmp_path / "out"))
+
+
 def test_lora_is_merged_into_the_pushed_weights(tiny_qwen2):
     from accelerate import Accelerator
 

@@ -51,3 +51,16 @@ def test_cpu_threads_follow_the_cores_this_process_may_use():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "1", out.stdout
+
+
+def test_the_merging_optimizer_refuses_deepspeed_shards(monkeypatch, tiny_qwen2):
+    """Under a DeepSpeed launch the optimizer gets flat shards; OnDARE's masks and base weights are per tensor."""
+    from alignment.config import ModelConfig, OptimizerConfig
+    from alignment.models import load_causal_lm
+    from alignment.training import build_optimizer
+
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_qwen2), 64)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="optimizer.name: ondare needs each parameter whole"):
+        build_optimizer(OptimizerConfig(name="ondare", base=tiny_qwen2), model)
+    assert build_optimizer(OptimizerConfig(name="adamw"), model) is not None  # AdamW is DeepSpeed's to shard
