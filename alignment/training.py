@@ -74,9 +74,8 @@ def make_accelerator(tc: TrainingConfig):
     precision = resolve_mixed_precision(tc.mixed_precision)
     cuda = torch.cuda.is_available()
     deepspeed = deepspeed_launch()
-    handlers = [
-        DistributedDataParallelKwargs(find_unused_parameters=True)
-    ]  # MoE: unrouted experts get no grad
+    # MoE layers leave unrouted experts without gradients in a step.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if deepspeed and not cuda:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
