@@ -216,9 +216,11 @@ def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
 def test_zero3_shards_the_model_over_two_processes_and_matches_one_process(tmp_path):
     """recipes/accelerate/zero3.yaml with 2 processes: DeepSpeed ZeRO-3 (on CPU its CPU accelerator over gloo)
     holds half of the parameters in each process, steps its optimizer at the last of 2 micro-batches, and gives
-    the losses and final weights of 1 process with the same global batch (4 micro-batches)."""
+    the losses and final weights of 1 process with the same global batch (4 micro-batches). Resumed from its
+    step-2 checkpoint (DeepSpeed's sharded optimizer state), it ends with the same weights."""
     import os
     import re
+    import shutil
     import subprocess
     import sys
 
@@ -227,17 +229,22 @@ def test_zero3_shards_the_model_over_two_processes_and_matches_one_process(tmp_p
     common = _data_parallel_overrides(data)
     one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
     two = tmp_path / "two"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no",
-        str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"), *common,
-        "training.gradient_accumulation_steps=2", f"training.output_dir={two}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def launch(out, *extra):
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "recipes/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
+            "--mixed_precision", "no",
+            str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"), *common,
+            "training.gradient_accumulation_steps=2", "training.save_steps=2", f"training.output_dir={out}", *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(
+            cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    proc = launch(two)
     assert "[train] DeepSpeed ZeRO-3 on" in proc.stdout and ", 2 processes" in proc.stdout
     held = [tuple(map(int, m)) for m in re.findall(r"holds (\d+) of (\d+) parameter entries", proc.stdout)]
     assert len(held) == 2 and held[0][1] == held[1][1]
@@ -247,6 +254,14 @@ def test_zero3_shards_the_model_over_two_processes_and_matches_one_process(tmp_p
     # steps at lr 1e-3 (entries with near-zero gradients, where Adam's update is most sensitive); a step missed
     # or taken twice moves weights by about lr.
     _assert_same_run(one, two, atol=1e-4)
+
+    part = tmp_path / "part"  # the same run stopped after its step-2 checkpoint, then resumed
+    shutil.copytree(two, part)
+    (part / "model.safetensors").unlink()
+    (part / "metrics.jsonl").write_text("".join((two / "metrics.jsonl").read_text().splitlines(True)[:2]))
+    resumed = launch(part, "training.resume_from_checkpoint=latest")
+    assert "resumed from" in resumed.stdout and "checkpoint-2 at step 2" in resumed.stdout
+    _assert_same_run(two, part, atol=0.0)
 
 
 def test_two_machines_on_localhost_match_one_process(tmp_path):
