@@ -237,3 +237,47 @@ def test_reward_model_composes_with_verifiable_rewards(trained_rm):
     assert out.scores == pytest.approx([0.5 * s + m for s, m in zip(rm_scores, [1.0, 1.0, 0.0])], abs=1e-5)
     assert out.scores[0] > out.scores[1]  # same math score: decided by the reward model
     assert [d["components"]["math"] for d in out.details] == [1.0, 1.0, 0.0]
+
+
+def test_zero3_over_two_processes_gives_the_losses_and_weights_of_one(tmp_path):
+    """recipes/accelerate/zero3.yaml with 2 processes (on CPU: DeepSpeed's CPU accelerator over gloo), the
+    classifier head sharded with the rest: the Bradley-Terry losses and the saved weights of 1 process with the
+    same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import free_port
+
+    pytest.importorskip("deepspeed")
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(16, 0))
+    common = [
+        "model.name_or_path=tiny-qwen2", "training.mixed_precision=no", f"data.sources=[{{path: {data}}}]",
+        "data.max_length=64", "eval_fraction=0.25", "eval_steps=0", "training.per_device_batch_size=2",
+        "training.max_steps=2", "optimizer.lr=1e-3", "scheduler.min_lr=1e-4", "logging.report_to=[]",
+        "logging.progress_bar=false",
+    ]  # fmt: skip
+    reset_accelerate()
+    rm_main([str(REPO / "recipes/reward.yaml"), *common, "training.gradient_accumulation_steps=2",
+             f"training.output_dir={tmp_path / 'one'}"])  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
+        "--mixed_precision", "no", str(REPO / "alignment/reward_model.py"), str(REPO / "recipes/reward.yaml"),
+        *common, "training.gradient_accumulation_steps=1", f"training.output_dir={tmp_path / 'two'}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[train] DeepSpeed ZeRO-3 on" in proc.stdout and proc.stdout.count(" holds ") == 2
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    wa, wb = load_file(f"{tmp_path}/one/model.safetensors"), load_file(f"{tmp_path}/two/model.safetensors")
+    assert wa.keys() == wb.keys() and any("score" in k for k in wa)
+    for k in wa:  # 2 Adam steps at lr 1e-3; DeepSpeed sums gradients in another order (see tests/test_sft.py)
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
