@@ -86,7 +86,6 @@ from alignment.training import (
     micro_batch,
     plan_batches,
     print0,
-    print_sharding,
     progress_bar,
     resume_step,
 )
@@ -402,7 +401,6 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(cfg.optimizer, model, cfg.data.max_length, tc.seed)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.optimizer.lr, len(plan))
     policy, optimizer = accelerator.prepare(TokenLogProbs(model, tc.logits_chunk_size), optimizer)
-    print_sharding(accelerator, policy)
     accelerator.register_for_checkpointing(scheduler)
     start = resume_step(accelerator, tc)
 

@@ -160,24 +160,16 @@ def whole_model(accelerator):
 
 
 def print_sharding(accelerator, model) -> None:
-    """Under DeepSpeed, one line per process: how much of the model's parameters it holds."""
-    if accelerator.state.deepspeed_plugin is not None:
-        held, total = shard_report(model)
-        print(
-            f"[train] process {accelerator.process_index} holds {held} of {total} parameter entries",
-            flush=True,
-        )
-
-
-def shard_report(model) -> tuple[int, int]:
-    """(parameter entries this process holds, entries of the whole model): equal unless ZeRO-3 shards them."""
-    held = total = 0
-    for p in model.parameters():
-        full = getattr(p, "ds_numel", p.numel())  # ZeRO-3: the full size; p itself holds no data
-        part = getattr(p, "ds_tensor", None)
-        held += part.numel() if part is not None else p.numel()
-        total += full
-    return held, total
+    """Under DeepSpeed, one line per process: how many of the model's parameter entries it holds (ZeRO-3 keeps
+    a parameter's full size in ``ds_numel`` and this process's part in ``ds_tensor``)."""
+    if accelerator.state.deepspeed_plugin is None:
+        return
+    params = list(model.parameters())
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in params)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    print(
+        f"[train] process {accelerator.process_index} holds {held} of {total} parameter entries", flush=True
+    )
 
 
 def usable_cpus() -> int:
