@@ -52,8 +52,11 @@ def resolve_mixed_precision(requested: str, cpuinfo: str | None = None, cuda: bo
 
 
 def deepspeed_launch() -> bool:
-    """True when `accelerate launch` was given a DeepSpeed config (e.g. recipes/accelerate/zero3.yaml)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    """True when `accelerate launch` was given a DeepSpeed config (e.g. recipes/accelerate/zero3.yaml): the
+    variable it sets, read as accelerate itself reads it."""
+    from accelerate.utils.environment import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def make_accelerator(tc: TrainingConfig):
@@ -70,6 +73,7 @@ def make_accelerator(tc: TrainingConfig):
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils.environment import parse_flag_from_env
 
     precision = resolve_mixed_precision(tc.mixed_precision)
     cuda = torch.cuda.is_available()
@@ -89,7 +93,7 @@ def make_accelerator(tc: TrainingConfig):
         # on (taskset, a container's cpuset), not every core of the host.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, usable_cpus() // local))
-    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if not cuda and parse_flag_from_env("ACCELERATE_USE_FSDP"):
         # Accelerator(cpu=True) turns an FSDP launch config into MULTI_CPU: plain data parallel over gloo.
         print0(
             accelerator,

@@ -127,18 +127,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(script: str, recipe: str, overrides: list[str], output_dir) -> None:
-    """``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU), one thread each; fails with its stderr."""
+def launch_two_processes(
+    script: str, recipe: str, overrides: list[str], output_dir, config_file: str | None = None
+):
+    """``accelerate launch --num_processes 2``, one thread each, and the finished process (it fails with its
+    stderr): with ``--multi_gpu`` (gloo on CPU), or with ``config_file`` (a file of recipes/accelerate/)."""
     import subprocess
     import sys
 
+    if config_file:
+        how = ["--config_file", str(REPO / config_file)]
+    else:
+        how = ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-        "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no",
         str(REPO / script), str(REPO / recipe), *overrides, f"training.output_dir={output_dir}",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

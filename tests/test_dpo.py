@@ -218,11 +218,6 @@ def test_zero3_over_two_processes_gives_the_losses_of_one(tmp_path, reference):
     """recipes/accelerate/zero3.yaml with 2 processes (on CPU: DeepSpeed's CPU accelerator over gloo): the
     policy is sharded, the frozen reference is loaded whole in each process (loaded under ZeRO-3's zero.Init it
     could not run a forward), and the losses are those of 1 process with the same global batch."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import free_port
 
     pytest.importorskip("deepspeed")
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
@@ -234,16 +229,13 @@ def test_zero3_over_two_processes_gives_the_losses_of_one(tmp_path, reference):
     ]  # fmt: skip
     one = run_dpo(tmp_path, "one", *common, "training.gradient_accumulation_steps=2", data=data)
     two = tmp_path / "two"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", str(REPO / "alignment/dpo.py"), str(REPO / "recipes/dpo.yaml"), *common,
-        "training.gradient_accumulation_steps=1", f"training.output_dir={two}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    proc = launch_two_processes(
+        "alignment/dpo.py",
+        "recipes/dpo.yaml",
+        [*common, "training.gradient_accumulation_steps=1"],
+        two,
+        config_file="recipes/accelerate/zero3.yaml",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "[train] DeepSpeed ZeRO-3 on" in proc.stdout and proc.stdout.count("holds 9853376 of 19706752") == 2
     )

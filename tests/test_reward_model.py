@@ -12,7 +12,7 @@ import torch
 
 from alignment.reward_model import main as rm_main
 from reward.base import RewardFunction, RewardOutput
-from tests.conftest import REPO, read_metrics, reset_accelerate, write_jsonl
+from tests.conftest import REPO, launch_two_processes, read_metrics, reset_accelerate, write_jsonl
 
 WORDS = "river stone cloud apple tiger music paper green silver window garden candle".split()
 
@@ -243,13 +243,8 @@ def test_zero3_over_two_processes_gives_the_losses_and_weights_of_one(tmp_path):
     """recipes/accelerate/zero3.yaml with 2 processes (on CPU: DeepSpeed's CPU accelerator over gloo), the
     classifier head sharded with the rest: the Bradley-Terry losses and the saved weights of 1 process with the
     same global batch."""
-    import os
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
-
-    from tests.conftest import free_port
 
     pytest.importorskip("deepspeed")
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(16, 0))
@@ -262,16 +257,13 @@ def test_zero3_over_two_processes_gives_the_losses_and_weights_of_one(tmp_path):
     reset_accelerate()
     rm_main([str(REPO / "recipes/reward.yaml"), *common, "training.gradient_accumulation_steps=2",
              f"training.output_dir={tmp_path / 'one'}"])  # fmt: skip
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", str(REPO / "alignment/reward_model.py"), str(REPO / "recipes/reward.yaml"),
-        *common, "training.gradient_accumulation_steps=1", f"training.output_dir={tmp_path / 'two'}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    proc = launch_two_processes(
+        "alignment/reward_model.py",
+        "recipes/reward.yaml",
+        [*common, "training.gradient_accumulation_steps=1"],
+        tmp_path / "two",
+        config_file="recipes/accelerate/zero3.yaml",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[train] DeepSpeed ZeRO-3 on" in proc.stdout and proc.stdout.count(" holds ") == 2
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]

@@ -188,9 +188,6 @@ def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
     """recipes/accelerate/fsdp2.yaml with 2 processes on a CPU machine: accelerate (Accelerator(cpu=True)) runs
     it as plain data parallel over gloo, not sharded; the run says so, and its losses and weights are those of
     1 process with the same global batch."""
-    import os
-    import subprocess
-    import sys
 
     if torch.cuda.is_available():
         pytest.skip("on CUDA the FSDP2 config shards: this checks the CPU fallback")
@@ -198,17 +195,13 @@ def test_the_fsdp2_config_on_cpu_runs_data_parallel_and_says_so(tmp_path):
     common = _data_parallel_overrides(data)
     one = run_sft(tmp_path, "one", *common, "training.gradient_accumulation_steps=4", data=data)
     two = tmp_path / "two"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no",
-        str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"), *common,
-        "training.gradient_accumulation_steps=2", f"training.output_dir={two}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    proc = launch_two_processes(
+        "alignment/sft.py",
+        "recipes/sft.yaml",
+        [*common, "training.gradient_accumulation_steps=2"],
+        two,
+        config_file="recipes/accelerate/fsdp2.yaml",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[train] FSDP was asked for, but without CUDA") == 1  # the main process only
     _assert_same_run(one, two)
 
@@ -218,11 +211,8 @@ def test_zero3_shards_the_model_over_two_processes_and_matches_one_process(tmp_p
     holds half of the parameters in each process, steps its optimizer at the last of 2 micro-batches, and gives
     the losses and final weights of 1 process with the same global batch (4 micro-batches). Resumed from its
     step-2 checkpoint (DeepSpeed's sharded optimizer state), it ends with the same weights."""
-    import os
     import re
     import shutil
-    import subprocess
-    import sys
 
     pytest.importorskip("deepspeed")
     data = write_jsonl(tmp_path / "sft.jsonl", ROWS)
@@ -231,18 +221,14 @@ def test_zero3_shards_the_model_over_two_processes_and_matches_one_process(tmp_p
     two = tmp_path / "two"
 
     def launch(out, *extra):
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "recipes/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
-            "--mixed_precision", "no",
-            str(REPO / "alignment/sft.py"), str(REPO / "recipes/sft.yaml"), *common,
-            "training.gradient_accumulation_steps=2", "training.save_steps=2", f"training.output_dir={out}", *extra,
-        ]  # fmt: skip
-        proc = subprocess.run(
-            cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+        overrides = [*common, "training.gradient_accumulation_steps=2", "training.save_steps=2", *extra]
+        return launch_two_processes(
+            "alignment/sft.py",
+            "recipes/sft.yaml",
+            overrides,
+            out,
+            config_file="recipes/accelerate/zero3.yaml",
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
 
     proc = launch(two)
     assert "[train] DeepSpeed ZeRO-3 on" in proc.stdout and ", 2 processes" in proc.stdout
