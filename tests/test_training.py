@@ -64,3 +64,27 @@ def test_the_merging_optimizer_refuses_deepspeed_shards(monkeypatch, tiny_qwen2)
     with pytest.raises(ValueError, match="optimizer.name: ondare needs each parameter whole"):
         build_optimizer(OptimizerConfig(name="ondare", base=tiny_qwen2), model)
     assert build_optimizer(OptimizerConfig(name="adamw"), model) is not None  # AdamW is DeepSpeed's to shard
+
+
+def test_saving_a_model_on_a_cpu_machine_does_not_claim_an_undetected_gpu(tmp_path):
+    """accelerate imports DeepSpeed on every save_pretrained; without CUDA, DeepSpeed warned "If you have GPU or
+    other accelerator, we were unable to detect it" in every stage of a CPU run."""
+    pytest.importorskip("deepspeed")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine DeepSpeed picks CUDA and says nothing")
+    code = (
+        "import alignment\n"
+        "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
+        "config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,\n"
+        "                     num_key_value_heads=1, vocab_size=64)\n"
+        f"Qwen2ForCausalLM(config).save_pretrained({str(tmp_path)!r})\n"
+        "import deepspeed; print('saved')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "saved"
+    assert "unable to detect" not in out.stdout + out.stderr, out.stdout[-2000:]  # DeepSpeed logs to stdout
+    assert (tmp_path / "model.safetensors").exists()
