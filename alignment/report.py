@@ -226,7 +226,7 @@ def bar_panel(ax, metric: str, values: dict[str, float | None], stages: list[str
     ax.set_xlim(-0.6, len(stages) - 0.4)
     ax.margins(y=0.15)
     ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right", fontsize=8)
-    ax.set_title(metric, fontsize=10)
+    ax.set_title(f"{metric} (s)" if metric.startswith("time/") else metric, fontsize=10)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -150,6 +150,10 @@ def test_a_missing_metric_is_drawn_as_missing_not_as_a_zero_bar():
     )
     assert words == [(1, "missing"), (2, "nan")]
     assert {t.get_text() for t in ax.texts} >= {"2.5", "0"}  # the values on top of the bars
+    assert ax.get_title() == "eval/general_text_nll"
+    ax.clear()
+    bar_panel(ax, "time/total", dict.fromkeys(stages, 100.0), stages)
+    assert ax.get_title() == "time/total (s)"  # timings are seconds, and the panel says so
     plt.close(fig)
 
 
