@@ -26,6 +26,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from alignment.config import ModelConfig
 
+# accelerate imports DeepSpeed (installed with the toolkit) on every save_pretrained, to look for a
+# DeepSpeedEngine, and DeepSpeed then picks its accelerator. Without CUDA it picks the CPU and warns "Setting
+# accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it." in every stage of a
+# CPU run. Name the accelerator it would pick anyway, so that a CPU run says nothing false about GPUs. Here, in
+# the module every process that loads or saves a model imports, and not in the package's __init__, which would
+# make torch an import of the light modules (config, chain runner) too.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # Qwen2-Instruct's ChatML template, verbatim: a default system prompt when none is given.
 QWEN2_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

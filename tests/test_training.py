@@ -75,7 +75,7 @@ def test_saving_a_model_on_a_cpu_machine_does_not_claim_an_undetected_gpu(tmp_pa
     if torch.cuda.is_available():
         pytest.skip("on a CUDA machine DeepSpeed picks CUDA and says nothing")
     code = (
-        "import alignment\n"
+        "import alignment.models\n"
         "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
         "config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,\n"
         "                     num_key_value_heads=1, vocab_size=64)\n"
