@@ -48,7 +48,7 @@ data-shipped:  ## regenerate the shipped datasets (data/sft, data/preference, da
 
 # The synthesis recipes in the order they build on each other (selection reads tagging's output; rejection
 # sampling samples from outputs/sft).
-SYNTH := tagging selection evolution answers code_feedback autoif repurposing roleplay constitutional rejection_sampling
+SYNTH := tagging selection evolution answers code_feedback autoif repurposing roleplay constitutional rejection_sampling on_policy_negatives
 data: data-shipped $(CORPUS)/gutenberg outputs/sft/model.safetensors  ## the shipped datasets, then every synthesis recipe (recipes/data/) on the embedded model -> outputs/data
 	set -e; for r in $(SYNTH); do $(PY) -m data_synthesis recipes/data/$$r.yaml $(ARGS); done
 	$(PY) -m data_synthesis.summary outputs/data

@@ -45,7 +45,17 @@ from pathlib import Path
 from alignment.config import run_cli
 from alignment.generation import SamplingConfig
 from data_synthesis.backends import BackendConfig
-from data_synthesis.engine import Generate, Map, Prompt, Record, Step, chat_row, preference_row, write_jsonl
+from data_synthesis.engine import (
+    Generate,
+    Map,
+    Prompt,
+    Record,
+    Step,
+    as_list,
+    chat_row,
+    preference_row,
+    write_jsonl,
+)
 from data_synthesis.runner import SynthesisConfig
 
 
@@ -135,7 +145,7 @@ class Verify(Step):
         arithmetic = ArithmeticReward() if self.check_steps else None
         try:
             for r in records:
-                texts = r.data["samples"]
+                texts = as_list(r.data["samples"])  # a bare text when n == 1
                 out = verifier([r.data["prompt"]] * len(texts), texts,
                                **{self.answer_column: [r.data[self.answer_column]] * len(texts)})  # fmt: skip
                 scores, wrong_steps = list(out.scores), 0

@@ -55,6 +55,7 @@ PIPELINES: dict[str, str] = {
     "roleplay": "data_synthesis.roleplay",  # character profiles -> consistent role-play answers
     "constitutional": "data_synthesis.constitutional",  # principles -> following vs violating answers
     "rejection_sampling": "data_synthesis.rejection_sampling",  # checked reasoning paths of the policy
+    "on_policy_negatives": "data_synthesis.on_policy_negatives",  # the policy's wrong answers as rejected
 }
 
 DEFAULT_CACHE = "~/.cache/alignment/synthesis/generations.sqlite"
