@@ -59,8 +59,14 @@ sft:  ## SFT: recipes/sft.yaml on the embedded SmolLM2-135M-Instruct -> outputs/
 outputs/sft/model.safetensors:
 	$(MAKE) sft
 
-dpo: outputs/sft/model.safetensors  ## offline DPO from the SFT output (runs SFT first if needed) -> outputs/dpo
-	$(ACCELERATE) alignment/dpo.py recipes/dpo.yaml $(ARGS)
+# The SFT model's own wrong answers as the pairs' rejected answers (recipes/data/on_policy_negatives.yaml), as the
+# chain's DPO trains on; remade when outputs/sft is newer.
+NEGATIVES := outputs/data/on_policy_negatives/preference.jsonl
+$(NEGATIVES): outputs/sft/model.safetensors
+	$(PY) -m data_synthesis recipes/data/on_policy_negatives.yaml
+
+dpo: $(NEGATIVES)  ## offline DPO from the SFT output on its own mistakes as rejected answers (runs SFT first if needed) -> outputs/dpo
+	$(ACCELERATE) alignment/dpo.py recipes/dpo.yaml "data.sources=[{path: $(NEGATIVES)}]" $(ARGS)
 
 reward:  ## Bradley-Terry reward model -> outputs/reward
 	$(ACCELERATE) alignment/reward_model.py recipes/reward.yaml $(ARGS)

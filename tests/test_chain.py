@@ -351,12 +351,22 @@ def test_the_shipped_chain_hands_each_stage_the_one_before(monkeypatch):
     monkeypatch.chdir(REPO)
     steps = steps_of("recipes/chain.yaml")
     assert list(steps) == [
-        "data", "sft", "reward", "dpo", "online_dpo", "start.eval", "sft.eval", "dpo.eval", "online_dpo.eval",
+        "data", "sft", "reward", "negatives", "dpo", "online_dpo", "start.eval", "sft.eval", "dpo.eval",
+        "online_dpo.eval",
     ]  # fmt: skip
     config = {name: step.resolved_config() for name, step in steps.items()}
     assert config["sft"]["data"]["sources"] == [{"path": "outputs/chain/data/sft/train.jsonl"}]
     assert config["sft"]["training"]["output_dir"] == "outputs/chain/sft"
+    negatives = steps["negatives"].command()
+    assert negatives[negatives.index("-m") + 1 :][:2] == [
+        "data_synthesis",
+        "recipes/data/on_policy_negatives.yaml",
+    ]
+    assert {"backend.model=outputs/chain/sft", "input=outputs/chain/data/preference/train.jsonl",
+            "out_dir=outputs/chain/negatives"} <= set(negatives)  # fmt: skip
     assert config["dpo"]["model"]["name_or_path"] == "outputs/chain/sft"
+    assert config["dpo"]["data"]["sources"] == [{"path": "outputs/chain/negatives/preference.jsonl"}]
+    assert steps["dpo"].needs == ["sft", "negatives"]
     assert config["online_dpo"]["model"]["name_or_path"] == "outputs/chain/dpo"
     assert config["online_dpo"]["rewards"][0]["params"] == {"name_or_path": "outputs/chain/reward"}
     assert config["online_dpo"]["optimizer"]["name"] == "ondare"
@@ -440,7 +450,8 @@ def test_every_stage_of_the_shipped_chains_passes_its_schema(recipe, monkeypatch
 
 @pytest.mark.slow
 def test_the_real_chain_on_tiny_models(tmp_path):
-    """recipes/chain_smoke.yaml: data, SFT, reward model, DPO and online DPO on tiny-qwen2, two steps each;
+    """recipes/chain_smoke.yaml: data, SFT, reward model, the SFT model's negatives, DPO and online DPO on
+    tiny-qwen2, two steps each;
     a second run skips them all."""
     run = tmp_path / "chain"
     cmd = [sys.executable, "-m", "alignment.chain", "recipes/chain_smoke.yaml", f"run_dir={run}"]
@@ -450,11 +461,14 @@ def test_the_real_chain_on_tiny_models(tmp_path):
     for stage in ("sft", "reward", "dpo", "online_dpo"):
         assert json.loads((run / stage / "stage.json").read_text())["status"] == "done"
         assert (run / stage / "model.safetensors").is_file() and (run / stage / "metrics.jsonl").is_file()
+    negatives = [json.loads(line) for line in (run / "negatives" / "preference.jsonl").open()]
+    assert len(negatives) == 16 and {r["rejected_source"] for r in negatives} <= {"policy", "row"}
     dpo = yaml.safe_load((run / "dpo" / "recipe.yaml").read_text())
     assert dpo["model"]["name_or_path"] == str(run / "sft")
+    assert dpo["data"]["sources"] == [{"path": str(run / "negatives" / "preference.jsonl")}]
     online = yaml.safe_load((run / "online_dpo" / "recipe.yaml").read_text())
     assert online["rewards"][0]["params"]["name_or_path"] == str(run / "reward")
     assert (run / "report.md").is_file() and (run / "plots" / "online_dpo.png").is_file()
 
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0 and proc.stdout.count("up to date, skipped") == 5, proc.stdout[-3000:]
+    assert proc.returncode == 0 and proc.stdout.count("up to date, skipped") == 6, proc.stdout[-3000:]
