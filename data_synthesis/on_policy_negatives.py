@@ -21,7 +21,7 @@ answers, cached), ``verify`` (the ``math`` reward; ``check_steps`` as in rejecti
 Writes into ``out_dir``: ``preference.jsonl`` (``prompt``, ``chosen``, ``rejected``, the row's other columns,
 ``rejected_source``: ``policy`` or ``row``) and ``stats.json`` (the runner's counts, plus ``replaced``,
 ``kept_own``, ``unscored`` samples and ``sample_accuracy``). The first wrong answer in sampling order is taken;
-an answer cut at ``max_new_tokens`` may be one (it reached no right answer); an unscored one never is.
+an answer cut at ``max_new_tokens`` may be one (it reached no right answer); an unscored or empty one never is.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ class Config(SynthesisConfig):
 
 
 def first_wrong(texts: list[str], scores: list[float | None], chosen: str) -> str | None:
-    """The first answer, in sampling order, that the verifier scored wrong (score < 1) and that is not the chosen
-    answer itself; None when there is none (every answer right or unscored)."""
+    """The first answer, in sampling order, that the verifier scored wrong (score < 1), that says something and
+    that is not the chosen answer itself; None when there is none (every answer right, unscored or empty: an
+    empty assistant turn is no answer to train on, and the trainers refuse it)."""
     for text, score in zip(texts, scores, strict=True):
-        if score is not None and score < 1.0 and text != chosen:
+        if score is not None and score < 1.0 and text.strip() and text != chosen:
             return text
     return None
 

@@ -465,7 +465,7 @@ def test_the_real_chain_on_tiny_models(tmp_path):
     assert len(negatives) == 16 and {r["rejected_source"] for r in negatives} <= {"policy", "row"}
     dpo = yaml.safe_load((run / "dpo" / "recipe.yaml").read_text())
     assert dpo["model"]["name_or_path"] == str(run / "sft")
-    assert dpo["data"]["sources"] == [{"path": str(run / "negatives" / "preference.jsonl")}]
+    assert dpo["data"]["sources"][0]["path"] == str(run / "negatives" / "preference.jsonl")
     online = yaml.safe_load((run / "online_dpo" / "recipe.yaml").read_text())
     assert online["rewards"][0]["params"]["name_or_path"] == str(run / "reward")
     assert (run / "report.md").is_file() and (run / "plots" / "online_dpo.png").is_file()

@@ -30,6 +30,9 @@ def test_first_wrong_takes_the_first_scored_wrong_answer_that_is_not_the_chosen_
     assert first_wrong(["a", "b"], [None, 0.0], "x") == "b"  # an unscored answer is never taken
     assert first_wrong(["x", "b"], [0.0, 0.0], "x") == "b"  # nor the chosen answer itself
     assert first_wrong(["a", "b"], [1.0, None], "x") is None
+    # an empty answer is no rejected answer (the trainers refuse an empty assistant turn)
+    assert first_wrong(["", " \n", "b"], [0.0, 0.0, 0.0], "x") == "b"
+    assert first_wrong(["", " "], [0.0, 0.0], "x") is None
 
 
 # The policy's greedy answers (what the scripted backend says to each question).
