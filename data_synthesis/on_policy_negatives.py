@@ -26,11 +26,9 @@ an answer cut at ``max_new_tokens`` may be one (it reached no right answer); an 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignment.config import run_cli
 from alignment.data import DataError, normalize_preference_row
 from alignment.generation import SamplingConfig
 from data_synthesis.backends import BackendConfig
@@ -148,18 +146,3 @@ def write(result, cfg: Config, out: Path) -> dict[str, int]:
         "sample_accuracy": round(sum(s is not None and s >= 1.0 for s in scores) / max(1, len(scores)), 4),
     })  # fmt: skip
     return {"preference.jsonl": write_jsonl(out / "preference.jsonl", rows)}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m data_synthesis.on_policy_negatives RECIPE [key=value ...]``: the runner with this pipeline."""
-    from data_synthesis import runner
-
-    args = sys.argv[1:] if argv is None else argv
-    if not (args and "=" not in args[0]):
-        args = ["pipeline=on_policy_negatives", *args]
-    module, cfg = runner.load_recipe(args)
-    return runner.run(module, cfg)
-
-
-if __name__ == "__main__":
-    run_cli(main)
