@@ -47,7 +47,7 @@ data-shipped:  ## regenerate the shipped datasets (data/sft, data/preference, da
 	$(PY) -m data_synthesis.make_dev_reworded
 
 # The synthesis recipes in the order they build on each other (selection reads tagging's output; rejection
-# sampling samples from outputs/sft).
+# sampling and on-policy negatives sample from outputs/sft).
 SYNTH := tagging selection evolution answers code_feedback autoif repurposing roleplay constitutional rejection_sampling on_policy_negatives
 data: data-shipped $(CORPUS)/gutenberg outputs/sft/model.safetensors  ## the shipped datasets, then every synthesis recipe (recipes/data/) on the embedded model -> outputs/data
 	set -e; for r in $(SYNTH); do $(PY) -m data_synthesis recipes/data/$$r.yaml $(ARGS); done
@@ -60,9 +60,9 @@ outputs/sft/model.safetensors:
 	$(MAKE) sft
 
 # The SFT model's own wrong answers as the pairs' rejected answers (recipes/data/on_policy_negatives.yaml), as the
-# chain's DPO trains on; remade when outputs/sft is newer.
+# chain's DPO trains on; remade when outputs/sft, the pairs or the recipe is newer.
 NEGATIVES := outputs/data/on_policy_negatives/preference.jsonl
-$(NEGATIVES): outputs/sft/model.safetensors
+$(NEGATIVES): outputs/sft/model.safetensors data/preference/train.jsonl recipes/data/on_policy_negatives.yaml
 	$(PY) -m data_synthesis recipes/data/on_policy_negatives.yaml
 
 dpo: $(NEGATIVES)  ## offline DPO from the SFT output on its own mistakes as rejected answers (runs SFT first if needed) -> outputs/dpo

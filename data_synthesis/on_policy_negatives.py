@@ -33,7 +33,7 @@ from alignment.data import DataError, normalize_preference_row
 from alignment.generation import SamplingConfig
 from data_synthesis.backends import BackendConfig
 from data_synthesis.engine import Generate, Map, Record, Step, as_list, write_jsonl
-from data_synthesis.rejection_sampling import Verify, _has_gold
+from data_synthesis.rejection_sampling import Verify, has_gold
 from data_synthesis.runner import SynthesisConfig
 
 
@@ -116,7 +116,7 @@ class Replace(Step):
 def steps(cfg: Config) -> list[Step]:
     return [
         Map("pair", _read_pair, makes=("prompt", "chosen", "rejected")),
-        Map("gold", _has_gold(cfg.answer_column), makes=(cfg.answer_column,)),
+        Map("gold", has_gold(cfg.answer_column), makes=(cfg.answer_column,)),
         Generate(
             "sample",
             None,

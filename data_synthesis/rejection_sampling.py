@@ -184,7 +184,7 @@ class Select(Step):
         return kept
 
 
-def _has_gold(column: str):
+def has_gold(column: str):
     def check(r: Record) -> str | None:
         return (
             None if r.data.get(column) not in (None, "") else f"no_gold_answer: field {column!r} is missing"
@@ -196,7 +196,7 @@ def _has_gold(column: str):
 def steps(cfg: Config) -> list[Step]:
     return [
         Prompt(),
-        Map("gold", _has_gold(cfg.answer_column), makes=(cfg.answer_column,)),  # rows that go on have it
+        Map("gold", has_gold(cfg.answer_column), makes=(cfg.answer_column,)),  # rows that go on have it
         Generate(
             "sample",
             None,
