@@ -9,7 +9,7 @@ pipeline config shares ``SynthesisConfig``'s fields:
     max_rows: 0                  # the first N input rows (0: all)
     out_dir: outputs/data/tagging
     backend: {kind: local, model: smollm2-135m-instruct}   # or kind: openai, url: http://host:8000/v1
-    cache: ~/.cache/alignment/synthesis/generations.sqlite  # "none": no cache
+    cache: null                  # null: $ALIGNMENT_CACHE/synthesis/generations.sqlite; "none": no cache
     dry_run: 0                   # N > 0: run every step on the first N rows, print them, write out_dir/dry_run
     batch_size: 64
     seed: 0
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import ConfigError, apply_override, build, load_yaml, to_dict
+from alignment.models import cache_dir
 from data_synthesis.backends import BackendConfig, make_backend
 from data_synthesis.engine import (
     Context,
@@ -58,7 +59,14 @@ PIPELINES: dict[str, str] = {
     "on_policy_negatives": "data_synthesis.on_policy_negatives",  # the policy's wrong answers as rejected
 }
 
-DEFAULT_CACHE = "~/.cache/alignment/synthesis/generations.sqlite"
+
+def generation_cache_path(cache: str | None) -> Path | None:
+    """Where a run keeps its generations: the recipe's path; null: ``$ALIGNMENT_CACHE/synthesis/
+    generations.sqlite`` (``~/.cache/alignment`` by default, with the built models and every other cache, so that
+    one variable empties or moves them all); ``"none"``: no cache."""
+    if cache == "none":
+        return None
+    return Path(cache).expanduser() if cache else cache_dir() / "synthesis" / "generations.sqlite"
 
 
 @dataclass
@@ -68,7 +76,7 @@ class SynthesisConfig:
     max_rows: int = 0
     out_dir: str = "outputs/data"
     backend: BackendConfig = field(default_factory=BackendConfig)
-    cache: str = DEFAULT_CACHE
+    cache: str | None = None
     dry_run: int = 0
     batch_size: int = 64
     seed: int = 0
@@ -124,8 +132,7 @@ def run(module, cfg: SynthesisConfig, backend=None, progress: bool = True) -> di
     own_backend = backend is None
     if own_backend:
         backend = make_backend(cfg.backend)
-    cache_path = None if cfg.cache == "none" else Path(cfg.cache).expanduser()
-    cache = GenerationCache(cache_path)
+    cache = GenerationCache(generation_cache_path(cfg.cache))
     ctx = Context(backend, cache, cfg.batch_size, cfg.seed, progress)
     print(f"[synthesis] {cfg.pipeline}: {len(records)} rows, {len(pipeline.steps)} steps", flush=True)
     try:

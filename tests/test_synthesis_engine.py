@@ -411,3 +411,35 @@ def test_a_fully_cached_run_loads_no_model(tmp_path, tiny_qwen2):
     b = Pipeline([gen]).run(records(3), Context(again, GenerationCache(db), progress=False))
     assert again._generator is None and b.stats["generated_samples"] == 0
     assert [r.data["answer"] for r in b.records] == [r.data["answer"] for r in a.records]
+
+
+def test_the_default_cache_lives_under_alignment_cache(tmp_path, monkeypatch):
+    """cache: null puts the generations under $ALIGNMENT_CACHE, with the built models: a run with that variable
+    pointed at a new folder starts from an empty cache, and the next run with it reuses every sample."""
+    from data_synthesis import runner
+
+    class Module:
+        class Config(runner.SynthesisConfig):
+            pass
+
+        @staticmethod
+        def steps(cfg):
+            return [Instruction(), Generate("answer", ECHO, "answer", n=2)]
+
+        @staticmethod
+        def write(result, cfg, out):
+            from data_synthesis.engine import write_jsonl
+
+            return {"out.jsonl": write_jsonl(out / "out.jsonl", (r.to_row() for r in result.records))}
+
+    monkeypatch.setenv("ALIGNMENT_CACHE", str(tmp_path / "cache"))
+    src = write_rows(tmp_path / "in.jsonl", [{"instruction": f"i{k}"} for k in range(3)])
+    cfg = Module.Config(pipeline="t", input=str(src), out_dir=str(tmp_path / "out"))
+    assert cfg.cache is None
+    first = runner.run(Module, cfg, backend=ScriptedBackend(echo), progress=False)
+    assert (tmp_path / "cache" / "synthesis" / "generations.sqlite").is_file()
+    again = runner.run(Module, cfg, backend=ScriptedBackend(echo), progress=False)
+    assert (first["generated_samples"], first["cached_samples"]) == (6, 0)
+    assert (again["generated_samples"], again["cached_samples"]) == (0, 6)
+    assert runner.generation_cache_path("none") is None
+    assert runner.generation_cache_path("~/x.sqlite") == Path("~/x.sqlite").expanduser()
