@@ -201,6 +201,8 @@ class VLLMGenerator:
         quiet = _WarmupWithoutTokenizer() if not engine_tokenizer else None
         if quiet:
             logging.getLogger("vllm.renderers.base").addFilter(quiet)
+        self._casts = _AskedForCasts(dtype)
+        logging.getLogger(_AskedForCasts.LOGGER).addFilter(self._casts)
         try:
             self.llm = LLM(
                 model=model_path,
@@ -215,6 +217,7 @@ class VLLMGenerator:
         finally:
             if quiet:
                 logging.getLogger("vllm.renderers.base").removeFilter(quiet)
+        self._casts.report(f"loading {model_path}")
         self.engine_tokenizer = engine_tokenizer
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its threads: the
         # engine and the training steps between samplings share the thread count this process started with.
@@ -291,6 +294,7 @@ class VLLMGenerator:
     def load_weights(self, named_tensors):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
+        self._casts.report("a weight push")
 
     def sequence_logprobs(self, prompt_ids, answer_ids):
         seq = list(prompt_ids) + list(answer_ids)
@@ -305,6 +309,7 @@ class VLLMGenerator:
         group) goes with it, whoever still holds a reference to the engine. Left to the garbage collector, a
         later ``accelerator.end_training()`` destroyed the default group under a live world group, and the next
         engine in the process failed to start ("not initialized in the world group map")."""
+        logging.getLogger(_AskedForCasts.LOGGER).removeFilter(self._casts)
         llm = self.__dict__.pop("llm", None)
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
@@ -318,6 +323,38 @@ class _WarmupWithoutTokenizer(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Chat template warmup failed")
+
+
+class _AskedForCasts(logging.Filter):
+    """vLLM warns once per tensor ("Attempted to load weight ... with dtype torch.float32 into parameter with dtype
+    torch.bfloat16") when it casts a checkpoint's weights to the engine's dtype: 122 lines for SmolLM2 at every
+    bf16 engine start, a third of a chain's console output. A cast into the dtype the engine was asked for is
+    what was asked: those records are counted and said in one line (``report``); any other mismatch still warns."""
+
+    LOGGER = "vllm.model_executor.models.utils"
+
+    def __init__(self, dtype: str):
+        super().__init__()
+        self.into = f"torch.{dtype}"
+        self.count: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not (str(record.msg).startswith("Attempted to load weight %s with dtype") and len(args) == 3):
+            return True
+        if str(args[2]) != self.into:
+            return True
+        source = str(args[1]).removeprefix("torch.")
+        self.count[source] = self.count.get(source, 0) + 1
+        return False
+
+    def report(self, where: str) -> None:
+        if self.count:
+            casts = ", ".join(f"{n} {source}" for source, n in sorted(self.count.items()))
+            print(
+                f"[generation] {where}: vLLM cast {casts} tensors to {self.into.removeprefix('torch.')}, the engine's dtype"
+            )
+            self.count.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ below 0.1; bf16 keeps 8 bits of mantissa and the two stacks use different kernel
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 
@@ -53,7 +56,7 @@ def check_sync(generator, model, tokenizer, tol):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.25)])
-def test_vllm_engine_follows_pushed_weights(tiny_qwen2, qwen_tokenizer, dtype, tol):
+def test_vllm_engine_follows_pushed_weights(tiny_qwen2, qwen_tokenizer, dtype, tol, capfd):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=getattr(torch, dtype))
@@ -62,9 +65,32 @@ def test_vllm_engine_follows_pushed_weights(tiny_qwen2, qwen_tokenizer, dtype, t
     )
     try:
         assert generator.name == "vllm"
+        # tiny-qwen2 is stored in float32: a bfloat16 engine casts its tensors (vLLM warned once per tensor that
+        # it loads one by one: 10 here, 122 for SmolLM2), said in one line.
+        out = "".join(capfd.readouterr())
+        assert "Attempted to load weight" not in out
+        said = re.search(r"vLLM cast ([0-9]+) float32 tensors to bfloat16, the engine's dtype", out)
+        assert (said is not None) == (dtype == "bfloat16"), out[-2000:]
+        assert said is None or int(said.group(1)) > 0
         check_sync(generator, model, qwen_tokenizer, tol)
     finally:
         generator.close()
+
+
+def test_only_casts_into_the_engines_dtype_are_counted_instead_of_warned():
+    from alignment.generation import _AskedForCasts
+
+    def record(source, into):
+        msg = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+        return logging.LogRecord("vllm", logging.WARNING, "utils.py", 1, msg, ("w", source, into), None)
+
+    casts = _AskedForCasts("bfloat16")
+    assert not casts.filter(record(torch.float32, torch.bfloat16))
+    assert not casts.filter(record(torch.float16, torch.bfloat16))
+    assert casts.filter(record(torch.bfloat16, torch.float16))  # not what the engine was asked for: warns
+    other = logging.LogRecord("vllm", logging.WARNING, "utils.py", 1, "something else %s", ("x",), None)
+    assert casts.filter(other)
+    assert casts.count == {"float32": 1, "float16": 1}
 
 
 def test_transformers_fallback_follows_pushed_weights(tiny_qwen2, qwen_tokenizer):
