@@ -214,6 +214,9 @@ class VLLMGenerator:
                 enable_prefix_caching=True,
                 skip_tokenizer_init=not engine_tokenizer,
             )
+        except BaseException:  # no engine, so no close(): the casts' filter goes now
+            logging.getLogger(_AskedForCasts.LOGGER).removeFilter(self._casts)
+            raise
         finally:
             if quiet:
                 logging.getLogger("vllm.renderers.base").removeFilter(quiet)

@@ -77,6 +77,19 @@ def test_vllm_engine_follows_pushed_weights(tiny_qwen2, qwen_tokenizer, dtype, t
         generator.close()
 
 
+def test_an_engine_that_fails_to_start_leaves_no_filter_behind(monkeypatch, qwen_tokenizer):
+    vllm = pytest.importorskip("vllm")
+    from alignment.generation import VLLMGenerator, _AskedForCasts
+
+    def refuse(**kwargs):
+        raise RuntimeError("no engine today")
+
+    monkeypatch.setattr(vllm, "LLM", refuse)
+    with pytest.raises(RuntimeError, match="no engine today"):
+        VLLMGenerator(GenerationConfig(backend="vllm"), "some/model", qwen_tokenizer, "bfloat16")
+    assert not any(isinstance(f, _AskedForCasts) for f in logging.getLogger(_AskedForCasts.LOGGER).filters)
+
+
 def test_only_casts_into_the_engines_dtype_are_counted_instead_of_warned():
     from alignment.generation import _AskedForCasts
 
