@@ -59,6 +59,7 @@ from typing import Any, Literal
 import yaml
 
 from alignment.config import ConfigError, apply_override, build, describe, load_yaml, run_cli, to_dict
+from alignment.fast_malloc import NO_TCMALLOC, preload_env
 
 REPO = Path(__file__).resolve().parents[1]
 START = "start"  # the folder of the start model's evaluation; no stage may take this name
@@ -407,7 +408,8 @@ def execute(command: list[str], log_path: Path, append: bool, lock: int) -> tupl
                 executable(command),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Every stage on tcmalloc where there is one (alignment/fast_malloc.py): same results, faster.
+                env=preload_env({**os.environ, "PYTHONUNBUFFERED": "1"}),
                 pass_fds=(lock,),
             )
         except OSError as e:
@@ -494,6 +496,12 @@ def run(cfg: ChainConfig) -> int:
 def run_steps(cfg: ChainConfig, steps: list[Step], lock: int) -> int:
     run_dir = Path(cfg.run_dir)
     (run_dir / "chain.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    preloaded = [p for p in preload_env().get("LD_PRELOAD", "").split(":") if "tcmalloc" in p]
+    say(
+        f"stages run on tcmalloc ({preloaded[0]})"
+        if preloaded
+        else f"stages run on glibc's malloc ({NO_TCMALLOC})"
+    )
     stages = [s for s in steps if not s.prefix]
     evaluations = [s for s in steps if s.prefix]
     fingerprints = {s.name: finished_fingerprint(s) for s in stages if not s.spec.enabled}

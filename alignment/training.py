@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from alignment.config import OptimizerConfig, SchedulerConfig, TrainingConfig, to_dict
+from alignment.fast_malloc import status_line
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
@@ -93,6 +94,7 @@ def make_accelerator(tc: TrainingConfig):
         # on (taskset, a container's cpuset), not every core of the host.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, usable_cpus() // local))
+        print0(accelerator, f"[train] {status_line()}")
     if not cuda and parse_flag_from_env("ACCELERATE_USE_FSDP"):
         # Accelerator(cpu=True) turns an FSDP launch config into MULTI_CPU: plain data parallel over gloo.
         print0(

@@ -20,6 +20,7 @@ import yaml
 
 from alignment.chain import check_configs, load_chain, main, plan
 from alignment.config import ConfigError
+from alignment.fast_malloc import find_tcmalloc
 from tests.conftest import REPO
 
 # A stage: reads its config (argv[1]), logs the call, then fails, gets killed, or writes its "model":
@@ -29,8 +30,9 @@ import json, os, signal, sys, yaml
 cfg, extra = yaml.safe_load(open(sys.argv[1])), sys.argv[2:]
 out = cfg["out"]
 os.makedirs(out, exist_ok=True)
+tcmalloc = "libtcmalloc" in open("/proc/self/maps").read()
 with open(cfg["calls"], "a") as f:
-    f.write(json.dumps({"stage": cfg["name"], "extra": extra}) + "\\n")
+    f.write(json.dumps({"stage": cfg["name"], "extra": extra, "tcmalloc": tcmalloc}) + "\\n")
 print(f"stage {cfg['name']} value {cfg['value']}", flush=True)
 if cfg.get("fail"):
     print(cfg["fail"], file=sys.stderr)
@@ -134,6 +136,21 @@ def test_a_second_run_skips_every_stage(tmp_path, capsys):
     main([str(chain)])
     assert ran(tmp_path) == []
     assert capsys.readouterr().out.count("up to date, skipped") == 3
+
+
+@pytest.mark.skipif(find_tcmalloc({}) is None, reason="no tcmalloc here (make install fetches it)")
+def test_stages_start_on_tcmalloc_unless_it_is_switched_off(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("ALIGNMENT_TCMALLOC", raising=False)
+    chain = make_chain(tmp_path)
+    main([str(chain)])
+    assert [c["tcmalloc"] for c in calls(tmp_path)] == [True, True, True]
+    assert f"[chain] stages run on tcmalloc ({find_tcmalloc({})})" in capsys.readouterr().out
+
+    monkeypatch.setenv("ALIGNMENT_TCMALLOC", "0")
+    main([str(chain), "stages.a.extra_overrides=[value=2]"])
+    assert [c["tcmalloc"] for c in calls(tmp_path)] == [False, False, False]
+    assert "[chain] stages run on glibc's malloc" in capsys.readouterr().out
 
 
 def test_a_changed_override_reruns_that_stage_and_the_ones_after(tmp_path):
