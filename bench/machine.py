@@ -43,16 +43,23 @@ def print_result(result: dict) -> None:
 
 
 def run_child(
-    cmd: list[str], label: str, cap_mb: float | None = None, timeout_s: float | None = None
+    cmd: list[str],
+    label: str,
+    cap_mb: float | None = None,
+    timeout_s: float | None = None,
+    env_overrides: dict[str, str | None] | None = None,
 ) -> dict:
     """Run one side (``cmd``: a bench script with its child arguments) offline and return its RESULT line with
     ``wall_s``. With ``cap_mb``, the child's RSS is sampled every 0.1 s and the child is killed past the cap:
     then {"killed_at_mb": the RSS seen}; with ``timeout_s``, killed after that many seconds: then
-    {"timed_out_s": timeout_s, "rss_mb": the peak RSS seen}. A child that fails stops the benchmark."""
+    {"timed_out_s": timeout_s, "rss_mb": the peak RSS seen}. ``env_overrides`` sets (or, with None, removes)
+    variables of the child's environment. A child that fails stops the benchmark."""
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
         "PYTHONPATH": str(REPO),
     }  # fmt: skip
+    for key, value in (env_overrides or {}).items():  # None: removed from the child's environment
+        env.pop(key, None) if value is None else env.__setitem__(key, value)
     t0 = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -116,3 +116,19 @@ def test_training_on_tcmalloc_gives_the_same_weights_bit_for_bit(tmp_path, tiny_
     assert "[train] malloc: tcmalloc" in fast_log
     assert "[train] malloc: glibc's" in slow_log and f"LD_PRELOAD={REAL}" in slow_log
     assert hashlib.sha256(fast).hexdigest() == hashlib.sha256(slow).hexdigest()
+
+
+def test_the_benchmark_sets_and_removes_variables_of_its_children(monkeypatch):
+    """bench/bench_malloc.py runs its glibc side without LD_PRELOAD and its tcmalloc side with it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_machine", REPO / "bench" / "machine.py")
+    machine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(machine)
+    monkeypatch.setenv("LD_PRELOAD", "/nowhere/libinherited.so")
+    monkeypatch.setenv("KEEP", "kept")
+    show = "import json, os; print('RESULT ' + json.dumps({k: os.environ.get(k) for k in ('LD_PRELOAD', 'KEEP', 'NEW')}))"
+    result = machine.run_child(
+        [sys.executable, "-c", show], "env", env_overrides={"LD_PRELOAD": None, "NEW": "1"}
+    )
+    assert (result["LD_PRELOAD"], result["KEEP"], result["NEW"]) == (None, "kept", "1")
