@@ -27,6 +27,7 @@ import io
 import lzma
 import os
 import platform
+import subprocess
 import sys
 import tarfile
 import urllib.request
@@ -122,8 +123,24 @@ def extract_from_deb(deb: bytes, member: str) -> bytes:
     raise ValueError("no data.tar member in the Debian package")
 
 
-def install(prefix: str | os.PathLike = sys.prefix, url: str = DEB_URL, sha256: str = DEB_SHA256) -> Path:
-    """Fetch the pinned package, check its sha256 and write the library to ``installed_path(prefix)``."""
+def check_preloads(library: str | os.PathLike) -> None:
+    """Start a Python with ``library`` preloaded; raise if the loader refuses it (a C library older than the one
+    the package was built for makes ld.so skip it with a message on every start)."""
+    env = {**os.environ, "LD_PRELOAD": str(library)}
+    proc = subprocess.run(
+        [sys.executable, "-c", "print('ok')"], env=env, capture_output=True, text=True, timeout=60
+    )
+    if proc.returncode != 0 or proc.stdout.strip() != "ok" or "preload" in proc.stderr:
+        raise RuntimeError(
+            f"{library} does not preload here: {proc.stderr.strip()[-400:] or proc.returncode}"
+        )
+
+
+def install(
+    prefix: str | os.PathLike = sys.prefix, url: str = DEB_URL, sha256: str = DEB_SHA256, check: bool = True
+) -> Path:
+    """Fetch the pinned package, check its sha256, write the library to ``installed_path(prefix)`` and, with
+    ``check``, make sure a process starts with it preloaded; nothing is left behind when a step fails."""
     target = installed_path(prefix)
     with urllib.request.urlopen(url, timeout=60) as response:
         deb = response.read()
@@ -131,8 +148,14 @@ def install(prefix: str | os.PathLike = sys.prefix, url: str = DEB_URL, sha256: 
     if digest != sha256:
         raise ValueError(f"{url}: sha256 {digest}, expected {sha256}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_name(target.name + ".partial")
     partial.write_bytes(extract_from_deb(deb, DEB_MEMBER))
+    try:
+        if check:
+            check_preloads(partial)
+    except Exception:
+        partial.unlink()
+        raise
     partial.replace(target)
     return target
 

@@ -83,15 +83,24 @@ def test_the_library_is_read_out_of_the_debian_package():
         extract_from_deb(b"PK\x03\x04", fast_malloc.DEB_MEMBER)
 
 
-def test_install_checks_the_sha256_and_writes_nothing_on_a_mismatch(tmp_path):
+def test_install_checks_the_sha256_and_that_the_library_preloads_and_leaves_nothing_otherwise(tmp_path):
     deb = make_deb({fast_malloc.DEB_MEMBER: b"\x7fELF the library"})
     (tmp_path / "p.deb").write_bytes(deb)
     url = (tmp_path / "p.deb").as_uri()
     with pytest.raises(ValueError, match="sha256"):
         install(tmp_path / "venv", url=url, sha256="0" * 64)
     assert not (tmp_path / "venv").exists()
-    path = install(tmp_path / "venv", url=url, sha256=hashlib.sha256(deb).hexdigest())
+    sha = hashlib.sha256(deb).hexdigest()
+    with pytest.raises(RuntimeError, match="does not preload here"):  # not a library the loader takes
+        install(tmp_path / "venv", url=url, sha256=sha)
+    assert not any((tmp_path / "venv").rglob("*tcmalloc*"))
+    path = install(tmp_path / "venv", url=url, sha256=sha, check=False)
     assert path == installed_path(tmp_path / "venv") and path.read_bytes() == b"\x7fELF the library"
+
+
+@pytest.mark.skipif(REAL is None, reason="no tcmalloc here (make install fetches it)")
+def test_the_real_library_preloads(tmp_path):
+    fast_malloc.check_preloads(REAL)
 
 
 def sft_weights(out: Path, env: dict[str, str]) -> tuple[bytes, str]:
