@@ -17,7 +17,9 @@ One step (the loop below, in this order):
 3. scores from the composed reward of the recipe's ``rewards`` (reward/compose.py);
 4. one pair per prompt, best vs worst (alignment/pair_selection.py), the chosen answer a verified one where a
    verifier of ``pairs.chosen_must_pass`` judged the prompt; ties, unscored and identical answers and prompts
-   with no verified answer are dropped and counted;
+   with no verified answer are dropped and counted; with ``pairs.step_pairs``, up to that many more per prompt
+   at the first wrong equation of a sampled answer: the right number against the sampled one, after the same
+   prefix (alignment/step_pairs.py);
 5. the DPO loss of the offline stage on these pairs (alignment/preference.py), against the start model,
    the LoRA base, or the previous step's policy;
 6. an optimizer step (OnDARE by default: alignment/merging.py);
@@ -75,6 +77,7 @@ from alignment.preference import (
     preference_step,
     reduce_metrics,
 )
+from alignment.step_pairs import step_pairs
 from alignment.tracking import make_tracker
 from alignment.training import (
     build_optimizer,
@@ -324,8 +327,10 @@ def dpo_update(
     return metrics
 
 
-def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator) -> dict[str, float]:
-    """Scores, pairs and answer statistics of every process together."""
+def step_metrics(
+    idxs, flat, scored, scores, pairs, drops, margins, accelerator, n_steps=0
+) -> dict[str, float]:
+    """Scores, pairs (``n_steps``: the step pairs) and answer statistics of every process together."""
     valid = [x for x in scored.scores if x is not None]
     per_prompt = [[x for x in s if x is not None] for s in scores]
     components = reward_components(scored)
@@ -333,7 +338,7 @@ def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
         "score_sum": sum(valid), "score_n": len(valid),
         "max_sum": sum(max(p) for p in per_prompt if p), "min_sum": sum(min(p) for p in per_prompt if p),
         "prompts_scored": sum(1 for p in per_prompt if p), "margin_sum": sum(margins), "pairs": len(pairs),
-        "unverified_pairs": sum(not p.nll for p in pairs),
+        "unverified_pairs": sum(not p.nll for p in pairs), "step_pairs": n_steps,
         "prompts": len(idxs), "answers": len(flat), "tokens": sum(len(a.token_ids) for _, a in flat),
         "clipped": sum(not a.finished for _, a in flat), **{f"drop_{r}": n for r, n in drops.items()},
         **{f"component/{lab}": sum(v for v in vs if v is not None) for lab, vs in components.items()},
@@ -351,6 +356,7 @@ def step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
         "online/dropped_identical": total["drop_identical"],
         "online/dropped_unverified": total["drop_unverified"],
         "online/unverified_pairs": total["unverified_pairs"],
+        "online/step_pairs": total["step_pairs"],
         "completions/mean_length": total["tokens"] / max(1, total["answers"]),
         "completions/clipped_ratio": total["clipped"] / max(1, total["answers"]),
         **{f"objective/scores/{k.split('/', 1)[1]}": v / max(1, total[f"component_n/{k.split('/', 1)[1]}"])
@@ -470,13 +476,28 @@ def main(argv: list[str] | None = None) -> None:
             idxs, answers, scores, prompt_ids, cfg.pairs, rng, passed
         )
 
+        # 4b. Step pairs: at each answer's first wrong equation, the right number against the sampled one.
+        steps = []
+        if cfg.pairs.step_pairs:
+            for i, group, row in zip(idxs, answers, log_rows):
+                got = step_pairs(prompt_ids[i], group, tokenizer, cfg.pairs.step_pairs)
+                steps += [sp.pair for sp in got]
+                row["step_pairs"] = [
+                    {"answer": sp.answer, "wrong": sp.wrong, "right": sp.right} for sp in got
+                ]
+
         # 5-6. DPO on the pairs of every process: the loss is a mean over all of them.
         t0 = time.perf_counter()
-        G = int(accelerator.reduce(torch.tensor(len(pairs), device=accelerator.device), reduction="sum"))
+        train_pairs = pairs + steps
+        G = int(
+            accelerator.reduce(torch.tensor(len(train_pairs), device=accelerator.device), reduction="sum")
+        )
         if G == 0:
             skipped += 1  # no prompt of any process gave a pair: nothing to learn from this step
         else:
-            metrics |= dpo_update(cfg, policy, reference, optimizer, scheduler, pairs, G, probe, accelerator)
+            metrics |= dpo_update(
+                cfg, policy, reference, optimizer, scheduler, train_pairs, G, probe, accelerator
+            )
         t_train = time.perf_counter() - t0
 
         # 7. The next step samples from the new weights.
@@ -486,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
             reference.refresh(policy, accelerator)
         t_push = time.perf_counter() - t0
 
-        metrics |= step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator)
+        metrics |= step_metrics(idxs, flat, scored, scores, pairs, drops, margins, accelerator, len(steps))
         metrics |= {"online/skipped_steps": skipped, **{f"reward/{k}": v for k, v in reward.stats().items()}}
         metrics |= {"time/generation": t_gen, "time/scoring": t_score, "time/training": t_train,
                     "time/weight_push": t_push, "sampling/tokens_per_second": new_tokens / max(t_gen, 1e-9)}  # fmt: skip

@@ -63,10 +63,15 @@ class PairSelectionConfig:
     # A prompt where chosen_must_pass leaves no eligible answer: drop it (counted as unverified), or judge: pair
     # its answers by score alone, marked unverified (no NLL term on its chosen answer).
     unverified: Literal["drop", "judge"] = "drop"
+    # Per prompt, up to this many more pairs at the first wrong equation of a sampled answer: the right number
+    # against the sampled one after the same prefix (alignment/step_pairs.py). 0: off.
+    step_pairs: int = 0
 
     def __post_init__(self) -> None:
-        if self.min_margin < 0 or self.length_penalty < 0 or self.unfinished_penalty < 0:
-            raise ValueError("pairs.min_margin, length_penalty and unfinished_penalty must be >= 0")
+        if min(self.min_margin, self.length_penalty, self.unfinished_penalty, self.step_pairs) < 0:
+            raise ValueError(
+                "pairs.min_margin, length_penalty, unfinished_penalty and step_pairs must be >= 0"
+            )
         if len(set(self.chosen_must_pass)) != len(self.chosen_must_pass):
             raise ValueError(f"pairs.chosen_must_pass: a label is listed twice: {self.chosen_must_pass}")
 

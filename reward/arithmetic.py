@@ -22,7 +22,8 @@ from __future__ import annotations
 import ast
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -72,27 +73,77 @@ def _holds(left: Fraction, right_text: str, right: Fraction) -> bool:
     return False
 
 
-def check_equations(text: str) -> tuple[int, str | None]:
-    """(number of equations checked, the first one that does not hold or None)."""
-    checked = 0
+@dataclass(frozen=True)
+class Equation:
+    """One checked equation ``left = right`` of a text: ``start:end`` is the right side's span in the text
+    (without surrounding spaces), ``value`` the exact value of the left side."""
+
+    left: str
+    right: str
+    start: int
+    end: int
+    value: Fraction | None  # None: the left side divides by zero
+    holds: bool
+
+
+def equations(text: str) -> Iterator[Equation]:
+    """Every equation between plain numbers that ``text`` writes, in order (what ``check_equations`` checks)."""
     for m in _CHAIN.finditer(text):
         if _BEFORE_BAD.search(text[: m.start()]) or _AFTER_BAD.search(text[m.end() :]):
             continue
-        sides = re.split(r"\s*=\s*", m.group(0))
-        for a, b in zip(sides, sides[1:]):
-            if not re.search(_OP, a.strip()) and not re.search(_OP, b.strip()):
+        spans = [(p.start(), p.end()) for p in re.finditer(r"[^=]+", m.group(0))]
+        for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+            a, b = m.group(0)[a0:a1].strip(), m.group(0)[b0:b1]
+            start = m.start() + b0 + len(b) - len(b.lstrip())
+            b = b.strip()
+            if not re.search(_OP, a) and not re.search(_OP, b):
                 continue  # "= 9 = 9" checks nothing
             try:
-                left, right = _value(a), _value(b)
-                ok = _holds(left, b, right)
+                right = _value(b)
+                try:
+                    left = _value(a)
+                    ok = _holds(left, b, right)
+                except ZeroDivisionError:
+                    left, ok = None, False
             except ZeroDivisionError:
-                ok = False
+                left, ok = None, False
             except (SyntaxError, ValueError):
                 continue  # unbalanced parentheses: not an equation we can read
-            checked += 1
-            if not ok:
-                return checked, f"{a.strip()} = {b.strip()}"
+            yield Equation(a, b, start, start + len(b), left, ok)
+
+
+def check_equations(text: str) -> tuple[int, str | None]:
+    """(number of equations checked, the first one that does not hold or None)."""
+    checked = 0
+    for eq in equations(text):
+        checked += 1
+        if not eq.holds:
+            return checked, f"{eq.left} = {eq.right}"
     return checked, None
+
+
+def first_wrong_step(text: str) -> Equation | None:
+    """The first equation of ``text`` that does not hold, when its right side is one written number the left
+    side's value can replace (not an expression, not a division by zero); None otherwise or when all hold."""
+    for eq in equations(text):
+        if not eq.holds:
+            if eq.value is None or not re.fullmatch(_NUM, eq.right):
+                return None
+            return eq
+    return None
+
+
+def write_like(value: Fraction, written: str) -> str:
+    """``value`` written as ``written`` is: with as many decimals as ``written`` has (2 for a non-integer value
+    written as an integer), a leading ``$`` kept, no thousands commas."""
+    sign, v = ("-" if value < 0 else ""), abs(value)
+    dollar = "$" if "$" in written else ""
+    if v.denominator == 1 and "." not in written:
+        body = str(v.numerator)
+    else:  # rounded as _holds rounds the left side
+        d = len(written.split(".")[1]) if "." in written else 2
+        body = f"{float(round(v, d)):.{d}f}"
+    return f"{sign}{dollar}{body}"
 
 
 @register_reward("arithmetic")

@@ -1,12 +1,13 @@
 """The arithmetic reward: every equation between plain numbers that a completion writes must hold."""
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 from reward import make_reward
-from reward.arithmetic import ArithmeticReward, check_equations
+from reward.arithmetic import ArithmeticReward, check_equations, first_wrong_step, write_like
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -71,3 +72,57 @@ def test_shipped_right_answers_pass_and_most_rejected_fail():
         assert sum(v[0] > 0 for v in verdicts[side]) > len(verdicts[side]) / 2  # most write equations
     caught = sum(v[1] is not None for v in verdicts["rejected"])
     assert caught > len(verdicts["rejected"]) / 3
+
+
+@pytest.mark.parametrize(
+    "text, left, right, value",
+    [
+        # the first wrong equation, its right side's span and the left side's exact value
+        ("44 × 5 = 216 km and 38 × 2 = 76 km, so 216 + 76 = 292.", "44 × 5", "216", 220),
+        ("Kira is 15 + 15 = 30 now, and 30 + 18 = 49. The answer is 49.", "30 + 18", "49", 48),
+        ("The border is 2 × (14 + 20) = 2 × 34 = 70.", "2 × 34", "70", 68),  # the chain's second link
+        ("It costs $1,200 + $34 = $1,244 in all.", "$1,200 + $34", "$1,244", 1234),
+        ("10 / 4 = 2.4, so", "10 / 4", "2.4", Fraction(5, 2)),
+        ("3 × 4 = 13 and 13 + 1 = 15.", "3 × 4", "13", 12),  # the first of two wrong ones
+    ],
+)
+def test_first_wrong_step_finds_the_number_to_replace(text, left, right, value):
+    step = first_wrong_step(text)
+    assert (step.left, step.right, step.value) == (left, right, value)
+    assert text[step.start : step.end] == right
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Kira is 15 + 15 = 30 now, and 30 + 18 = 48.",  # every equation holds
+        "The answer is 42.",  # none to check
+        "So 3 + 4 = 2 + 6 and 8 = 8.",  # the wrong right side is an expression, not one number
+        "6 / 0 = 0",  # a division by zero has no value to write
+        "Over 11: 7/11 = 3/11.",  # a fraction is an expression here
+    ],
+)
+def test_first_wrong_step_is_none_without_a_number_to_replace(text):
+    assert first_wrong_step(text) is None
+
+
+@pytest.mark.parametrize(
+    "value, written, out",
+    [
+        (220, "216", "220"),
+        (Fraction(5, 2), "2", "2.50"),  # an integer written for a non-integer: two decimals
+        (Fraction(10, 3), "3.3", "3.3"),  # as many decimals as written, rounded as the check rounds
+        (Fraction(2, 3), "0.666", "0.667"),
+        (Fraction(5, 2), "2.4", "2.5"),
+        (12, "12.50", "12.00"),
+        (1234, "$1,244", "$1234"),
+        (-42, "-32", "-42"),
+    ],
+)
+def test_write_like_writes_the_value_as_the_wrong_number_was_written(value, written, out):
+    v = Fraction(value)
+    assert write_like(v, written) == out
+    assert check_equations(f"{v.numerator} / {v.denominator} = {out}") == (
+        1,
+        None,
+    )  # and the check accepts it

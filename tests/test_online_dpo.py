@@ -298,3 +298,53 @@ def test_two_steps_against_a_separate_vllm_server(tmp_path, tiny_qwen2):
     # Step 2's sync check ran after step 1's push: the server samples from the trained weights.
     assert m[1]["sampling/logp_difference"] < 1e-3 and m[1]["time/weight_push"] > 0
     assert m[1]["logps/chosen"] != m[0]["logps/chosen"]
+
+
+class ScriptedSampler:
+    """Stands in for the engine: every prompt gets the same written answers, one right and three with a slip."""
+
+    name = "scripted"
+    TEXTS = ["4 × 5 = 20. The answer is 20.", "4 × 5 = 21. The answer is 21.", "4 × 5 = 24. So 24 + 1 = 26.",
+             "4 × 5 = 21. The answer is 21!"]  # fmt: skip
+
+    def __init__(self, tokenizer):
+        self.tok, self.pushes = tokenizer, 0
+
+    def generate(self, prompt_ids, n, sampling, json_schema=None):
+        from alignment.generation import Completion
+
+        ids = [self.tok(t, add_special_tokens=False).input_ids for t in self.TEXTS]
+        return [[Completion(t, i, True) for t, i in zip(self.TEXTS, ids)][:n] for _ in prompt_ids]
+
+    def load_weights(self, named_tensors):
+        self.pushes += 1
+
+    def close(self):
+        pass
+
+
+def test_step_pairs_join_the_step_and_are_logged(tmp_path, monkeypatch):
+    import alignment.online_dpo as od
+
+    sampler = {}
+    monkeypatch.setattr(
+        od, "make_generator", lambda cfg, path, tok, *a, **k: sampler.setdefault("s", ScriptedSampler(tok))
+    )
+    args = ["rewards=[{name: arithmetic}]", "training.max_steps=2", "eval.at_start=false", "eval.at_end=false",
+            "sync_check_steps=0", "pairs.step_pairs=2"]  # fmt: skip
+    out = run(tmp_path, "steps", *args)
+    m = [x for x in read_metrics(out) if "loss" in x]
+    # 4 prompts a step: each gives its best-vs-worst pair and 2 step pairs (21 -> 20 once, the repeat dropped;
+    # 24 -> 20); "24 + 1 = 26" is never reached: only the first wrong equation counts
+    assert [x["online/step_pairs"] for x in m] == [8, 8] and [x["online/pair_fraction"] for x in m] == [
+        1.0,
+        1.0,
+    ]
+    rows = [r for line in open(out / "samples.jsonl") for r in json.loads(line)["rows"]]
+    assert all(r["step_pairs"] == [{"answer": 1, "wrong": "21", "right": "20"},
+                                   {"answer": 2, "wrong": "24", "right": "20"}] for r in rows)  # fmt: skip
+    assert sampler["s"].pushes == 2
+    # the step pairs are in the loss: without them the same steps give other losses
+    plain = run(tmp_path, "plain", *args[:-1])
+    assert [x["loss"] for x in read_metrics(plain) if "loss" in x] != [x["loss"] for x in m]
+    assert "step_pairs" not in json.loads(open(plain / "samples.jsonl").readline())["rows"][0]
