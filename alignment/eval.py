@@ -71,6 +71,7 @@ from alignment.evaluation import (
     load_prompts,
     math_correct,
     reward_model_win_rate,
+    right_arithmetic_answers,
     sample,
 )
 from alignment.generation import (
@@ -125,6 +126,10 @@ class EvalConfig:
     # Token NLL on general text: chunks x 256 tokens of pydoc topics (0: skipped).
     general_text_chunks: int = 16
     max_new_tokens: int = 256
+    # A diagnosis, off by default: math accuracy if the model's arithmetic were right. Up to N times per greedy
+    # math answer, the first wrong equation's number is replaced by the right one and the model continues from
+    # there (eval/math_accuracy_right_arithmetic; alignment/evaluation.py: right_arithmetic_answers). 0: off.
+    right_arithmetic_rounds: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # Seeds torch and the engines (it replaces generation.seed): the KL's samples are the same every run.
     seed: int = 0
@@ -145,8 +150,10 @@ class EvalConfig:
             )
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.kl_prompts < 0 or self.general_text_chunks < 0:
-            raise ValueError("kl_prompts and general_text_chunks must be >= 0 (0: skipped)")
+        if min(self.kl_prompts, self.general_text_chunks, self.right_arithmetic_rounds) < 0:
+            raise ValueError(
+                "kl_prompts, general_text_chunks and right_arithmetic_rounds must be >= 0 (0: off)"
+            )
         needs = [k for k, on in (("the win rate", self.wins), ("the KL", self.kl)) if on]
         if needs and getattr(self, self.prompt_set).path is None:
             raise ValueError(
@@ -302,13 +309,17 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
     print(f"[eval] generating with {path} (backend {gen.name}, {engine_dtype(cfg)})", flush=True)
     # Code answers only when the sandbox can run them, or when the win rate or the KL needs them.
     wanted = [n for n in SETS if n in sets and (n != "code" or code is not None or cfg.prompt_set == "code")]
-    answers, kl_answers = {}, []
+    answers, kl_answers, fixed = {}, [], None
     try:
         with report.timed("greedy_answers"):
             got = {n: greedy_answers(gen, tokenizer, sets[n], cfg.max_new_tokens)
                    for n in sorted(wanted, key=lambda n: n != cfg.prompt_set)}  # fmt: skip
         answers = {n: got[n] for n in wanted}
         print(f"[eval] {sum(map(len, answers.values()))} greedy answers ({', '.join(wanted)})", flush=True)
+        if cfg.right_arithmetic_rounds and "math" in answers:
+            with report.timed("right_arithmetic"):
+                fixed = right_arithmetic_answers(gen, tokenizer, sets["math"], [a.text for a in answers["math"]],
+                                                 cfg.right_arithmetic_rounds, cfg.max_new_tokens)  # fmt: skip
         if cfg.kl:
             with report.timed("kl_to_reference"):  # samples from the model itself: temperature 1, no top-k/p
                 if engine_dtype(cfg) != cfg.dtype:
@@ -326,6 +337,10 @@ def model_answers(cfg: EvalConfig, path: str, tokenizer, sets, code, report: Rep
         acc = sum(verdicts["math"]) / max(1, len(verdicts["math"]))
         report.add("eval/math_accuracy", acc, f"({len(sets['math'])} prompts)")
         report.math_by_task = accuracy_by_task(verdicts["math"], sets["math"])
+    if fixed is not None:
+        right = math_correct(fixed, sets["math"])
+        report.add("eval/math_accuracy_right_arithmetic", sum(right) / max(1, len(right)),
+                   f"(a diagnosis: every arithmetic slip fixed, up to {cfg.right_arithmetic_rounds} per answer)")  # fmt: skip
     if "ifeval" in answers:
         with report.timed("ifeval"):
             strict, each = ifeval_accuracy([a.text for a in answers["ifeval"]], sets["ifeval"])

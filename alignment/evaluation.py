@@ -60,6 +60,32 @@ def math_accuracy(generator: Generator, tokenizer, examples, max_new_tokens: int
     return math_score([a.text for a in answers], examples), answers
 
 
+def right_arithmetic_answers(
+    generator: Generator, tokenizer, examples, texts: list[str], rounds: int, max_new_tokens: int
+) -> list[str]:
+    """The answers with their arithmetic slips fixed as they go: up to ``rounds`` times per answer, the number
+    of its first wrong equation (``reward.arithmetic.first_wrong_step``) is replaced by the right one and the
+    model continues greedily from there. Their math accuracy is what the model's own plans score with right
+    arithmetic: a diagnosis of where its mistakes are, never a figure of the model itself."""
+    from reward.arithmetic import first_wrong_step, write_like
+
+    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    texts = list(texts)
+    greedy = SamplingConfig(0.0, max_new_tokens=max_new_tokens)
+    for _ in range(rounds):
+        todo = []
+        for i, text in enumerate(texts):
+            step = first_wrong_step(text)
+            if step is not None:
+                todo.append((i, text[: step.start] + write_like(step.value, step.right)))
+        if not todo:
+            break
+        ids = [prompts[i] + tokenizer(prefix, add_special_tokens=False).input_ids for i, prefix in todo]
+        for (i, prefix), out in zip(todo, generator.generate(ids, 1, greedy)):
+            texts[i] = prefix + out[0].text
+    return texts
+
+
 def math_correct(texts: list[str], examples) -> list[bool]:
     """Per answer: does the ``math`` reward judge its final answer equal to the row's gold ``answer``?"""
     from reward.math_reward import MathReward

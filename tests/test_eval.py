@@ -58,6 +58,44 @@ def ex(prompt: str, **columns) -> PromptExample:
     return PromptExample([{"role": "user", "content": prompt}], columns)
 
 
+class Continues:
+    """A Generator test double that continues an answer prefix the way a model with a right plan would."""
+
+    name = "continues"
+    AFTER = {"4 × 5 = 20": ", so 20 + 3 = 24. The answer is 24.", "20 + 3 = 23": ". The answer is 23."}  # fmt: skip
+
+    def __init__(self, tokenizer):
+        self.tok, self.calls = tokenizer, 0
+
+    def generate(self, prompt_ids, n, sampling):
+        assert sampling.temperature == 0.0
+        self.calls += 1
+        out = []
+        for ids in prompt_ids:
+            text = self.tok.decode(ids)
+            tail = next(v for k, v in self.AFTER.items() if text.endswith(k))
+            out.append([Completion(tail, self.tok(tail, add_special_tokens=False).input_ids, True)])
+        return out
+
+
+def test_right_arithmetic_fixes_each_first_slip_and_lets_the_model_go_on(qwen_tokenizer):
+    from alignment.evaluation import math_correct, right_arithmetic_answers
+
+    rows = [ex("4 kids get 5 each, then 3 more.", answer="23"), ex("Same again.", answer="23"),
+            ex("No slip.", answer="23")]  # fmt: skip
+    texts = ["4 × 5 = 21, so 21 + 3 = 24. The answer is 24.", "4 × 5 = 20, so 20 + 3 = 24. The answer is 24.",
+             "4 × 5 = 20, so 20 + 3 = 23. The answer is 23."]  # fmt: skip
+    gen = Continues(qwen_tokenizer)
+    fixed = right_arithmetic_answers(gen, qwen_tokenizer, rows, texts, rounds=3, max_new_tokens=32)
+    # row 0: 21 -> 20, the model goes on and slips again (24), fixed in round 2; row 1: one slip; row 2: none
+    assert fixed == ["4 × 5 = 20, so 20 + 3 = 23. The answer is 23."] * 3
+    assert math_correct(fixed, rows) == [True] * 3 and math_correct(texts, rows) == [False, False, True]
+    assert gen.calls == 2  # a third round has nothing left to fix
+    once = right_arithmetic_answers(Continues(qwen_tokenizer), qwen_tokenizer, rows, texts, 1, 32)
+    assert once[0] == "4 × 5 = 20, so 20 + 3 = 24. The answer is 24." and once[1] == fixed[1]
+    assert right_arithmetic_answers(gen, qwen_tokenizer, rows, texts, 0, 32) == texts
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Instruction following: strict (per prompt) vs per constraint
 # --------------------------------------------------------------------------------------------------------------
