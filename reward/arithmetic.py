@@ -82,7 +82,7 @@ class Equation:
     right: str
     start: int
     end: int
-    value: Fraction | None  # None: the left side divides by zero
+    value: Fraction | None  # None: a side divides by zero
     holds: bool
 
 
@@ -99,12 +99,8 @@ def equations(text: str) -> Iterator[Equation]:
             if not re.search(_OP, a) and not re.search(_OP, b):
                 continue  # "= 9 = 9" checks nothing
             try:
-                right = _value(b)
-                try:
-                    left = _value(a)
-                    ok = _holds(left, b, right)
-                except ZeroDivisionError:
-                    left, ok = None, False
+                left = _value(a)
+                ok = _holds(left, b, _value(b))
             except ZeroDivisionError:
                 left, ok = None, False
             except (SyntaxError, ValueError):
