@@ -16,10 +16,11 @@ One step (the loop below, in this order):
    default), prompts sent as token ids;
 3. scores from the composed reward of the recipe's ``rewards`` (reward/compose.py);
 4. one pair per prompt, best vs worst (alignment/pair_selection.py), the chosen answer a verified one where a
-   verifier of ``pairs.chosen_must_pass`` judged the prompt; ties, unscored and identical answers and prompts
-   with no verified answer are dropped and counted; with ``pairs.step_pairs``, up to that many more per prompt
-   at the first wrong equation of a sampled answer: the right number against the sampled one, after the same
-   prefix (alignment/step_pairs.py);
+   verifier of ``pairs.chosen_must_pass`` judged the prompt, and the rejected answer one that passed the verifiers
+   of ``pairs.rejected_must_pass`` where they judged it; ties, unscored and identical answers and prompts with no
+   verified answer or no allowed rejected one are dropped and counted; with ``pairs.step_pairs``, up to that
+   many more per prompt at the first wrong equation of a sampled answer: the right number against the sampled
+   one, after the same prefix (alignment/step_pairs.py);
 5. the DPO loss of the offline stage on these pairs (alignment/preference.py), against the start model,
    the LoRA base, or the previous step's policy;
 6. an optimizer step (OnDARE by default: alignment/merging.py);
@@ -151,11 +152,10 @@ class OnlineDPOConfig:
                 "reference.mode: precomputed needs fixed pairs; online DPO uses auto, model, previous"
             )
         labels = [spec.label for spec in self.rewards]
-        for lab in self.pairs.chosen_must_pass:
-            if lab not in labels:
-                raise ValueError(
-                    f"pairs.chosen_must_pass: {lab!r} is not the label of a reward (rewards: {labels})"
-                )
+        for key in ("chosen_must_pass", "rejected_must_pass"):
+            for lab in getattr(self.pairs, key):
+                if lab not in labels:
+                    raise ValueError(f"pairs.{key}: {lab!r} is not the label of a reward (rewards: {labels})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -269,14 +269,23 @@ def logp_difference(generator, policy, probe, accelerator) -> float:
     return float((engine - mine).abs().max())
 
 
-def pick_pairs(idxs, answers, scores, prompt_ids, cfg: PairSelectionConfig, rng, passed=None):
-    """-> (pairs, drop counts by reason, margins of the kept pairs, one log row per prompt). ``passed``: per
-    prompt, per answer, whether it passed the verifiers of ``pairs.chosen_must_pass`` (None: not judged)."""
+def split(values: list, n: int) -> list[list]:
+    """A flat per-answer list as one list per prompt of n answers."""
+    return [values[k : k + n] for k in range(0, len(values), n)]
+
+
+def pick_pairs(
+    idxs, answers, scores, prompt_ids, cfg: PairSelectionConfig, rng, passed=None, rejected_ok=None
+):
+    """-> (pairs, drop counts by reason, margins of the kept pairs, one log row per prompt). ``passed`` and
+    ``rejected_ok``: per prompt, per answer, whether it passed the verifiers of ``pairs.chosen_must_pass`` and
+    of ``pairs.rejected_must_pass`` (None: not judged)."""
     pairs, drops, margins, rows = [], dict.fromkeys(DROP_REASONS, 0), [], []
     for k, (i, group, s) in enumerate(zip(idxs, answers, scores)):
         texts, lengths = [a.text for a in group], [len(a.token_ids) for a in group]
         ok = None if passed is None else passed[k]
-        sel = select_pair(s, texts, lengths, [a.finished for a in group], cfg, rng, ok)
+        rej = None if rejected_ok is None else rejected_ok[k]
+        sel = select_pair(s, texts, lengths, [a.finished for a in group], cfg, rng, ok, rej)
         if sel.ok:
             pairs.append(PairSequences(
                 answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
@@ -355,6 +364,7 @@ def step_metrics(
         "online/dropped_unscored": total["drop_unscored"],
         "online/dropped_identical": total["drop_identical"],
         "online/dropped_unverified": total["drop_unverified"],
+        "online/dropped_no_rejected": total["drop_no_rejected"],
         "online/unverified_pairs": total["unverified_pairs"],
         "online/step_pairs": total["step_pairs"],
         "completions/mean_length": total["tokens"] / max(1, total["answers"]),
@@ -465,15 +475,21 @@ def main(argv: list[str] | None = None) -> None:
         cols = {k: [prompts[i].columns.get(k) for i, _ in flat] for k in columns}
         scored = reward([prompts[i].prompt for i, _ in flat], [a.text for _, a in flat], **cols)
         t_score = time.perf_counter() - t0
-        scores = [scored.scores[k : k + cfg.num_samples] for k in range(0, len(flat), cfg.num_samples)]
-        passed = None
-        if cfg.pairs.chosen_must_pass:  # per answer: did the named verifiers give it full marks?
-            ok = verified(reward_components(scored), cfg.pairs.chosen_must_pass)
-            passed = [ok[k : k + cfg.num_samples] for k in range(0, len(flat), cfg.num_samples)]
+        scores = split(scored.scores, cfg.num_samples)
+        # Per answer: did the verifiers named for the chosen (and for the rejected) answer give it full marks?
+        components, n = reward_components(scored), cfg.num_samples
+        passed = (
+            split(verified(components, cfg.pairs.chosen_must_pass), n) if cfg.pairs.chosen_must_pass else None
+        )
+        rejected_ok = (
+            split(verified(components, cfg.pairs.rejected_must_pass), n)
+            if cfg.pairs.rejected_must_pass
+            else None
+        )
 
         # 4. One pair per prompt, or a counted reason for none.
         pairs, drops, margins, log_rows = pick_pairs(
-            idxs, answers, scores, prompt_ids, cfg.pairs, rng, passed
+            idxs, answers, scores, prompt_ids, cfg.pairs, rng, passed, rejected_ok
         )
 
         # 4b. Step pairs: at each answer's first wrong equation, the right number against the sampled one.

@@ -55,6 +55,7 @@ def run_ours(args, server_url: str | None = None) -> dict:
         str(REPO / "recipes/online_dpo.yaml"), *backend, f"model.name_or_path={args.model}", "optimizer.name=adamw",
         f"optimizer.lr={args.lr}", f"loss.beta={args.beta}", "scheduler.name=constant",
         f"rewards=[{{name: reward_model, params: {{name_or_path: {args.reward_model}}}}}]", "pairs.chosen_must_pass=[]",
+        "pairs.rejected_must_pass=[]",
         f"prompts_per_step={args.prompts}", f"num_samples={args.samples}", f"sampling.max_new_tokens={args.max_new_tokens}",
         "sampling.temperature=0.9", f"training.max_steps={args.steps}", f"training.per_device_batch_size={args.prompts}",
         "training.save_steps=0", "eval.at_start=false", "eval.at_end=false", "sync_check_steps=0",

@@ -36,6 +36,7 @@ def base_args(tmp_path, out, *overrides):
         "loss.beta=0.1",
         "rewards=[{name: 'tests.toy_rewards:AsciiShare'}]",
         "pairs.chosen_must_pass=[]",  # the recipe's [math, arithmetic] name rewards these runs replace
+        "pairs.rejected_must_pass=[]",  # and its [arithmetic]
         "prompts_per_step=4",
         "num_samples=4",
         "sampling.max_new_tokens=16",
@@ -78,6 +79,11 @@ def run(tmp_path, name, *overrides):
             TRAIN,
             ["pairs.chosen_must_pass=[maths]"],
             "pairs.chosen_must_pass: 'maths' is not the label of a reward",
+        ),
+        (
+            TRAIN,
+            ["pairs.rejected_must_pass=[arithmetics]"],
+            "pairs.rejected_must_pass: 'arithmetics' is not the label of a reward",
         ),
     ],
 )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from alignment.data import IGNORE
+from alignment.evaluation import answer_sequence
 from alignment.generation import Completion
 from alignment.online_dpo import pick_pairs
 from alignment.pair_selection import PairSelectionConfig, adjusted_scores, select_pair, verified
@@ -21,8 +22,9 @@ LENS = [10, 10, 10, 10]
 DONE = [True, True, True, True]
 
 
-def pick(scores, texts=TEXTS, lens=LENS, done=DONE, seed=0, passed=None, **cfg):
-    return select_pair(scores, texts, lens, done, PairSelectionConfig(**cfg), random.Random(seed), passed)
+def pick(scores, texts=TEXTS, lens=LENS, done=DONE, seed=0, passed=None, rejected_ok=None, **cfg):
+    cfg = PairSelectionConfig(**cfg)
+    return select_pair(scores, texts, lens, done, cfg, random.Random(seed), passed, rejected_ok)
 
 
 def test_best_and_worst_by_score():
@@ -181,6 +183,49 @@ def test_verified_needs_full_marks_from_every_named_verifier_that_judged():
 def test_a_label_listed_twice_is_an_error():
     with pytest.raises(ValueError, match="chosen_must_pass"):
         PairSelectionConfig(chosen_must_pass=["math", "math"])
+    with pytest.raises(ValueError, match="rejected_must_pass"):
+        PairSelectionConfig(rejected_must_pass=["arithmetic", "arithmetic"])
+
+
+# rejected_must_pass: an answer a named verifier judged and failed is never the rejected one.
+
+
+def test_the_rejected_answer_is_the_worst_that_passed_or_was_not_judged():
+    # Answers 2 (-1.0, the worst) and 3 (0.5) slipped in their arithmetic; 0 is chosen, so 1 is the worst allowed.
+    sel = pick([3.0, 2.0, -1.0, 0.5], rejected_ok=[True, True, False, False])
+    assert (sel.chosen, sel.rejected) == (0, 1)
+    assert sel.margin == pytest.approx(1.0)  # 3.0 - 2.0
+    # Not judged (None: e.g. no equation written) may be rejected: 3 is now the worst allowed.
+    sel = pick([3.0, 2.0, -1.0, 0.5], rejected_ok=[True, True, False, None])
+    assert (sel.chosen, sel.rejected) == (0, 3)
+    # The chosen answer itself may have failed it: the rule limits the rejected answer only.
+    sel = pick([3.0, 2.0, -1.0, 0.5], rejected_ok=[False, False, True, True])
+    assert (sel.chosen, sel.rejected) == (0, 2)
+
+
+def test_a_prompt_with_no_allowed_rejected_answer_is_dropped_as_no_rejected():
+    sel = pick([3.0, 2.0, -1.0, 0.5], rejected_ok=[True, False, False, False])
+    assert not sel.ok and sel.reason == "no_rejected" and sel.chosen is None
+    # With the chosen answer limited too: 1 is chosen (it passed), 0 and 3 may not be rejected, 2 may.
+    sel = pick(
+        [3.0, 2.0, -1.0, 0.5], passed=[False, True, False, True], rejected_ok=[False, True, True, False]
+    )
+    assert (sel.chosen, sel.rejected) == (1, 2)
+    # best_random draws among the allowed answers only.
+    for seed in range(20):
+        sel = pick(
+            [3.0, 2.0, -1.0, 0.5], seed=seed, strategy="best_random", rejected_ok=[True, True, False, False]
+        )
+        assert (sel.chosen, sel.rejected) == (0, 1)
+
+
+def test_greedy_anchor_drops_a_pair_whose_rejected_answer_failed():
+    # The greedy answer 0 beats every sample: (0, worst sampled = 2), but 2 slipped.
+    sel = pick([3.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", rejected_ok=[True, True, False, True])
+    assert sel.reason == "no_rejected"
+    # A sample beats the greedy answer: (1, 0), and the greedy answer's arithmetic holds.
+    sel = pick([1.0, 2.0, -1.0, 0.5], strategy="greedy_anchor", rejected_ok=[True, True, False, True])
+    assert (sel.chosen, sel.rejected) == (1, 0)
 
 
 def test_an_unverified_pair_reaches_the_loss_without_the_nll_term():
@@ -201,6 +246,17 @@ def test_an_unverified_pair_reaches_the_loss_without_the_nll_term():
     )
     assert [p.nll for p in pairs] == [True, False] and [r["verified"] for r in rows] == [True, False]
     assert drops["unverified"] == 0
+    # The same prompts with rejected_must_pass: prompt 0's worst answer (2) failed it, so its pair rejects 1;
+    # prompt 1 has no answer it allows other than the chosen one, so it is dropped and counted.
+    rejected_ok = [[True, True, False], [True, False, False]]
+    got, got_drops, _, got_rows = pick_pairs(
+        [0, 1], answers, scores, [[1, 2], [3, 4]], cfg, random.Random(0), passed, rejected_ok
+    )
+    assert [(r["chosen"], r["rejected"], r["dropped"]) for r in got_rows] == [
+        (0, 1, None),
+        (None, None, "no_rejected"),
+    ]
+    assert got_drops["no_rejected"] == 1 and got[0].rejected == answer_sequence([1, 2], [7])
 
     class Policy(torch.nn.Module):
         def __init__(self):
