@@ -274,6 +274,11 @@ def split(values: list, n: int) -> list[list]:
     return [values[k : k + n] for k in range(0, len(values), n)]
 
 
+def verdicts(components, labels: list[str], n: int) -> list[list[bool | None]] | None:
+    """Per prompt of n answers, per answer: ``verified`` by the named verifiers; None when no label is named."""
+    return split(verified(components, labels), n) if labels else None
+
+
 def pick_pairs(
     idxs, answers, scores, prompt_ids, cfg: PairSelectionConfig, rng, passed=None, rejected_ok=None
 ):
@@ -477,15 +482,9 @@ def main(argv: list[str] | None = None) -> None:
         t_score = time.perf_counter() - t0
         scores = split(scored.scores, cfg.num_samples)
         # Per answer: did the verifiers named for the chosen (and for the rejected) answer give it full marks?
-        components, n = reward_components(scored), cfg.num_samples
-        passed = (
-            split(verified(components, cfg.pairs.chosen_must_pass), n) if cfg.pairs.chosen_must_pass else None
-        )
-        rejected_ok = (
-            split(verified(components, cfg.pairs.rejected_must_pass), n)
-            if cfg.pairs.rejected_must_pass
-            else None
-        )
+        components = reward_components(scored)
+        passed = verdicts(components, cfg.pairs.chosen_must_pass, cfg.num_samples)
+        rejected_ok = verdicts(components, cfg.pairs.rejected_must_pass, cfg.num_samples)
 
         # 4. One pair per prompt, or a counted reason for none.
         pairs, drops, margins, log_rows = pick_pairs(
