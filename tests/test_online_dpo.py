@@ -182,7 +182,7 @@ def test_a_chosen_answer_always_passed_the_verifier_and_prompts_without_one_are_
     from reward.compose import make_reward
 
     rewards = "rewards=[{name: math}, {name: 'tests.toy_rewards:AsciiShare'}]"
-    out = run(tmp_path, "verified", rewards, "pairs.chosen_must_pass=[math]", "training.max_steps=2",
+    out = run(tmp_path, "verified", rewards, "pairs.chosen_must_pass=[math]", "pairs.unverified=drop", "training.max_steps=2",
               "generation.backend=transformers", "eval.at_start=false", "eval.at_end=false", "sync_check_steps=0")  # fmt: skip
     data = DataConfig(sources=[DataSource(path=str(tmp_path / "prompts.jsonl"))], seed=0)
     prompts = load_examples(data, normalize_prompt_row, DataReport())
