@@ -28,7 +28,9 @@ Metrics, written flat to one JSON file (``output``, default ``<model>/eval.json`
   to run on this machine): a metric that could not be measured is absent and named there, never a silent 0;
 - ``math_by_task``: the math accuracy per ``task`` of the held-out rows, and ``answers``: the name of the file
   beside it (``eval.answers.jsonl``) that holds every greedy answer, one JSON row each, math answers with their
-  verdict (``correct``): the report counts which answers a stage turned right or wrong.
+  verdict (``correct``), and the win rate's answers with the judge's score (``judge_score``) and verdict against
+  the start model's answer (``win``: 1, 0.5 on a tie, 0; null where either was not scored): the report counts
+  which answers a stage turned right or wrong, and which ones the judge now prefers or not.
 
 Deliberate simplifications: one process, one model at a time; greedy decoding only for the scored answers;
 the KL and the NLL run with transformers (the engine gives no log-probs of a second model).
@@ -67,12 +69,14 @@ from alignment.evaluation import (
     general_text_nll,
     greedy_answers,
     ifeval_accuracy,
+    judged_scores,
     kl_to_reference,
     load_prompts,
     math_correct,
-    reward_model_win_rate,
     right_arithmetic_answers,
     sample,
+    win_outcomes,
+    win_rate,
 )
 from alignment.generation import (
     GenerationConfig,
@@ -447,7 +451,13 @@ def judge_against_start(
         print(
             f"[eval] the judge's scores of the start model's answers: cache {'hit' if hit else 'miss'} ({key})"
         )
-        rate, n = reward_model_win_rate(scorer, prompts, texts, baseline, baseline_scores)
+        scores = judged_scores(scorer, prompts, texts, baseline, baseline_scores)
+        rate, n = win_rate(scores, baseline_scores)
+    # Each prompt's verdict goes beside its answer, so that two evaluations can be compared prompt by prompt.
+    verdicts = dict(enumerate(zip(scores, win_outcomes(scores, baseline_scores))))
+    for row in report.answers:
+        if row["set"] == cfg.prompt_set and row["row"] in verdicts:
+            row["judge_score"], row["win"] = verdicts[row["row"]]
     if n < len(examples):
         print(f"[eval] win rate: the reward model could not score the answers to {len(examples) - n} prompts")
     if n:

@@ -3,7 +3,8 @@
 - ``math_accuracy``: greedy answers to held-out math prompts, checked by the ``math`` reward (0/1 each).
 - ``ifeval_accuracy``: IFEval's two strict scores of answers to constraint prompts (reward/ifeval.py's checkers).
 - ``code_pass_at_1``: the share of coding problems whose every unit test passes in the sandbox.
-- ``win_rate`` / ``reward_model_win_rate``: how often a reward model prefers one model's answers to another's.
+- ``win_rate``: how often a reward model prefers one model's answers to another's (``judged_scores`` scores
+  them, ``win_outcomes`` gives the verdict per prompt).
 - ``mean_reward``: fresh samples at the training temperature, scored by a composed reward (the online recipe's).
 - ``kl_to_reference``: the mean of sum_t log pi(y_t) - log pi_ref(y_t) over sampled answers y ~ pi, a
   Monte-Carlo estimate of KL(pi || pi_ref) per answer.
@@ -172,6 +173,15 @@ def code_pass_at_1(texts: list[str], examples, reward) -> tuple[float, list[str]
     return (sum(s == 1.0 for s in judged) / len(judged) if judged else math.nan), unjudged
 
 
+def win_outcomes(scores: list[float | None], baseline: list[float | None]) -> list[float | None]:
+    """Per prompt, the answer's result against the baseline's answer to the same prompt: 1 when it scores higher,
+    0.5 on a tie, 0 when it scores lower, None when either score is missing."""
+    return [
+        None if s is None or b is None else 1.0 if s > b else 0.5 if s == b else 0.0
+        for s, b in zip(scores, baseline)
+    ]
+
+
 def win_rate(scores: list[float | None], baseline: list[float | None]) -> tuple[float, int]:
     """Share of prompts where the answer outscores the baseline's answer to the same prompt:
 
@@ -179,24 +189,23 @@ def win_rate(scores: list[float | None], baseline: list[float | None]) -> tuple[
 
     over the N prompts where both scores exist (a None on either side leaves the prompt out).
     -> (win rate, N); NaN when N is 0."""
-    pairs = [(s, b) for s, b in zip(scores, baseline) if s is not None and b is not None]
-    wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in pairs)
-    return (wins / len(pairs) if pairs else math.nan), len(pairs)
+    judged = [o for o in win_outcomes(scores, baseline) if o is not None]
+    return (sum(judged) / len(judged) if judged else math.nan), len(judged)
 
 
-def reward_model_win_rate(
+def judged_scores(
     scorer, prompts: list, texts: list[str], baseline: list[str], baseline_scores: list[float | None]
-) -> tuple[float, int]:
-    """``win_rate`` of answers against baseline answers (one each per prompt) as ``scorer`` (a reward with the
-    common interface, e.g. ``reward.model.RewardModelScorer``) judges them, given the baseline's scores (so a
-    chain of evaluations scores the baseline once). An answer identical to the baseline's takes its score, an
-    exact tie: a reward model's score of one text moves in its last bits with the texts batched with it."""
+) -> list[float | None]:
+    """``scorer``'s score (a reward with the common interface, e.g. ``reward.model.RewardModelScorer``) of each
+    answer, given the baseline answers' scores (so a chain of evaluations scores the baseline once). An answer
+    identical to the baseline's takes its score, an exact tie: a reward model's score of one text moves in its
+    last bits with the texts batched with it."""
     todo = [i for i, (t, b) in enumerate(zip(texts, baseline)) if t != b]
     out = scorer([prompts[i] for i in todo], [texts[i] for i in todo])
     scores = list(baseline_scores)
     for i, s in zip(todo, out.scores):
         scores[i] = s
-    return win_rate(scores, baseline_scores)
+    return scores
 
 
 # Files that make a model's outputs what they are: weights, config, tokenizer and chat template.

@@ -6,7 +6,8 @@ It reads files only, from each folder of the run (the start model's evaluation i
 ``stage.json`` / ``eval.stage.json`` (status and wall time), ``metrics.jsonl`` (training curves: loss,
 rewards/margins, the reward model's margin and held-out accuracy, online DPO's scores, pair fraction and KL),
 ``eval.json`` (the evaluation after the stage, with its math accuracy per task), ``eval.answers.jsonl`` (its
-greedy answers: which math answers the stage turned right or wrong) and ``summary.json`` (held-out numbers a
+greedy answers: which math answers the stage turned right or wrong, and where the judge's verdict against the
+start model rose or fell, each with a sign test) and ``summary.json`` (held-out numbers a
 stage measured itself, such as the reward model's pair accuracy). A metric a stage did not report is shown as missing, never as 0.
 Plots go to ``<run>/plots/`` (matplotlib, Agg backend: no display needed).
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from alignment.stats import sign_test
 
 # Training curves, in this order, for every stage that logged them.
 CURVES = (
@@ -100,21 +103,38 @@ def task_table(run: Path, stages: list[str]) -> Table:
     return {t: {s: _number(found[s].get(t)) for s in stages} for t in tasks}
 
 
-def math_verdicts(run: Path, stage: str) -> dict[int, bool]:
-    """Row of the held-out math set -> was the stage's greedy answer right, from its answers file."""
+def answer_rows(run: Path, stage: str) -> list[dict[str, Any]]:
+    """The rows of the stage's answers file (``eval.answers.jsonl``); a cut-short line is left out."""
     result = read_json(run / stage / "eval.json") or {}
     path = run / stage / str(result.get("answers") or "eval.answers.jsonl")
     if not path.is_file():
-        return {}
-    verdicts = {}
+        return []
+    rows = []
     for line in path.read_text().splitlines():
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a cut-short line: that answer is left out of the counts
-        if row.get("set") == "math" and isinstance(row.get("correct"), bool):
-            verdicts[int(row["row"])] = row["correct"]
-    return verdicts
+    return rows
+
+
+def math_verdicts(run: Path, stage: str) -> dict[int, bool]:
+    """Row of the held-out math set -> was the stage's greedy answer right, from its answers file."""
+    return {
+        int(row["row"]): row["correct"]
+        for row in answer_rows(run, stage)
+        if row.get("set") == "math" and isinstance(row.get("correct"), bool)
+    }
+
+
+def judge_verdicts(run: Path, stage: str) -> dict[tuple[str, int], float]:
+    """(set, row) -> the judge's verdict on the stage's answer against the start model's (``win``: 1, 0.5, 0),
+    where the evaluation recorded one."""
+    return {
+        (row["set"], int(row["row"])): float(row["win"])
+        for row in answer_rows(run, stage)
+        if isinstance(row.get("win"), int | float) and not isinstance(row.get("win"), bool)
+    }
 
 
 def source_stage(run: Path, stage: str, earlier: list[str]) -> str:
@@ -133,31 +153,59 @@ def source_stage(run: Path, stage: str, earlier: list[str]) -> str:
 
 def flips_section(run: Path, stages: list[str]) -> list[str]:
     """How many held-out math answers each stage turned right or wrong against the stage whose model it
-    started from (``source_stage``): a change of accuracy of a few points is many answers moving both ways, or
-    few moving one way."""
+    started from (``source_stage``), and how many the judge now prefers more or less: a change of a few points
+    is many answers moving both ways, or few moving one way. The sign test's p says how often a coin would
+    split the changed answers at least that unevenly."""
+    lines = []
     verdicts = {s: math_verdicts(run, s) for s in stages}
-    stages = [s for s in stages if verdicts[s]]
-    if len(stages) < 2:
-        return []
-    lines = [
-        "## Which math answers each stage changed",
-        "",
-        "Greedy answers to the held-out math prompts, against the model the stage started from "
-        "(`eval.answers.jsonl`).",
-        "",
-        "| from | to | prompts | wrong -> right | right -> wrong | right in both | net |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for i, after in enumerate(stages[1:], start=1):
-        before = source_stage(run, after, stages[:i])
-        rows = sorted(set(verdicts[before]) & set(verdicts[after]))
-        gained = sum(not verdicts[before][r] and verdicts[after][r] for r in rows)
-        lost = sum(verdicts[before][r] and not verdicts[after][r] for r in rows)
-        kept = sum(verdicts[before][r] and verdicts[after][r] for r in rows)
-        lines.append(
-            f"| {before} | {after} | {len(rows)} | {gained} | {lost} | {kept} | {gained - lost:+d} |"
-        )
-    return lines + [""]
+    math_stages = [s for s in stages if verdicts[s]]
+    if len(math_stages) >= 2:
+        lines += [
+            "## Which math answers each stage changed",
+            "",
+            "Greedy answers to the held-out math prompts, against the model the stage started from "
+            "(`eval.answers.jsonl`); p: the two-sided sign test of wrong -> right against right -> wrong.",
+            "",
+            "| from | to | prompts | wrong -> right | right -> wrong | right in both | net | p (sign test) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for i, after in enumerate(math_stages[1:], start=1):
+            before = source_stage(run, after, math_stages[:i])
+            rows = sorted(set(verdicts[before]) & set(verdicts[after]))
+            gained = sum(not verdicts[before][r] and verdicts[after][r] for r in rows)
+            lost = sum(verdicts[before][r] and not verdicts[after][r] for r in rows)
+            kept = sum(verdicts[before][r] and verdicts[after][r] for r in rows)
+            lines.append(
+                f"| {before} | {after} | {len(rows)} | {gained} | {lost} | {kept} | {gained - lost:+d} | "
+                f"{sign_test(gained, lost):.2g} |"
+            )
+        lines.append("")
+    wins = {s: judge_verdicts(run, s) for s in stages}
+    win_stages = [s for s in stages if wins[s]]
+    if len(win_stages) >= 2:
+        lines += [
+            "## Which answers the judge prefers after each stage",
+            "",
+            "The reward model's verdict on each stage's answer against the start model's answer to the same "
+            "prompt (`win` in `eval.answers.jsonl`: win 1, tie 0.5, loss 0), against the model the stage started "
+            "from: prompts whose verdict rose (a loss became a tie or a win, a tie a win) or fell; p: the "
+            "two-sided sign test of the two.",
+            "",
+            "| from | to | prompts | verdict up | verdict down | win rate before | win rate after | p (sign test) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for i, after in enumerate(win_stages[1:], start=1):
+            before = source_stage(run, after, win_stages[:i])
+            keys = sorted(set(wins[before]) & set(wins[after]))
+            up = sum(wins[after][k] > wins[before][k] for k in keys)
+            down = sum(wins[after][k] < wins[before][k] for k in keys)
+            rate = {s: sum(wins[s][k] for k in keys) / len(keys) if keys else None for s in (before, after)}
+            lines.append(
+                f"| {before} | {after} | {len(keys)} | {up} | {down} | {fmt(rate[before])} | "
+                f"{fmt(rate[after])} | {sign_test(up, down):.2g} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _number(value: Any) -> float | None:

@@ -23,7 +23,8 @@ from alignment.evaluation import (
     fingerprint_weights,
     greedy_answers,
     ifeval_accuracy,
-    reward_model_win_rate,
+    judged_scores,
+    win_outcomes,
     win_rate,
 )
 from alignment.generation import Completion
@@ -221,17 +222,21 @@ class LengthJudge:
         return RewardOutput([len(c) + 1e-9 * i for i, c in enumerate(completions)])
 
 
-def test_reward_model_win_rate_identical_answers_tie_exactly_and_the_baseline_is_not_rescored():
+def test_judged_scores_identical_answers_tie_exactly_and_the_baseline_is_not_rescored():
     judge = LengthJudge()
     answers, baseline = ["aaa", "b", "same", "same"], ["a", "bbb", "same", "other!"]
     baseline_scores = judge(["p1", "p2", "p3", "p4"], baseline).scores  # as cached by an earlier evaluation
     judge.scored = []
-    rate, n = reward_model_win_rate(judge, ["p1", "p2", "p3", "p4"], answers, baseline, baseline_scores)
-    assert n == 4 and rate == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    scores = judged_scores(judge, ["p1", "p2", "p3", "p4"], answers, baseline, baseline_scores)
     assert judge.scored == ["aaa", "b", "same"]  # the answer identical to the baseline's takes its score
-    # A baseline answer the judge could not score leaves its prompt out.
-    rate, n = reward_model_win_rate(judge, ["p1", "p2"], ["aaa", "b"], ["a", "b"], [1.0, None])
-    assert n == 1 and rate == 1.0
+    assert scores[2] == baseline_scores[2]
+    assert win_outcomes(scores, baseline_scores) == [1.0, 0.0, 0.5, 0.0]
+    rate, n = win_rate(scores, baseline_scores)
+    assert n == 4 and rate == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    # A baseline answer the judge could not score leaves its prompt out: no verdict there.
+    scores = judged_scores(judge, ["p1", "p2"], ["aaa", "b"], ["a", "b"], [1.0, None])
+    assert win_outcomes(scores, [1.0, None]) == [1.0, None]
+    assert win_rate(scores, [1.0, None]) == (1.0, 1)
 
 
 def test_a_judge_that_cannot_score_the_start_answers_makes_the_win_rate_missing_and_caches_nothing(
@@ -455,6 +460,10 @@ def test_cli_end_to_end_then_the_start_answers_come_from_the_cache(
     assert sum(r["correct"] for r in math_rows) / 3 == result["eval/math_accuracy"]
     by_task = {t: [r["correct"] for r in math_rows if r["task"] == t] for t in {r["task"] for r in math_rows}}
     assert result["math_by_task"] == {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+    # The win rate's prompts (math) carry the judge's score and verdict; the mean verdict is the win rate.
+    assert all(isinstance(r["judge_score"], float) and r["win"] in (0.0, 0.5, 1.0) for r in math_rows)
+    assert sum(r["win"] for r in math_rows) / 3 == pytest.approx(result["eval/win_rate"])
+    assert not any("win" in r for r in rows if r["set"] != "math")
 
     # Again, in process, with a sandbox that refuses to run and other metrics off: the start model's answers
     # come from the file (the same win rate), and code_pass@1 is missing with the sandbox's reason, not 0.
@@ -496,6 +505,8 @@ def test_the_start_model_against_itself_reuses_its_answers_and_ties(
     log = capsys.readouterr().out
     assert "the start model is the evaluated model" in log and "cache miss" in log
     assert result["eval/win_rate"] == 0.5  # every answer identical to the baseline's: all ties
+    rows = [json.loads(line) for line in open(tmp_path / "self.answers.jsonl")]
+    assert [r["win"] for r in rows if r["set"] == "math"] == [0.5] * 3
     assert result["eval/kl_to_reference"] == 0.0
 
 

@@ -185,8 +185,9 @@ def test_a_run_folder_that_does_not_exist_is_an_error(tmp_path):
 
 
 def test_the_report_counts_the_math_answers_each_stage_turned_right_or_wrong(tmp_path):
-    """Four held-out rows. start: right on row 0. sft: rows 0, 1, 2 (gains 1 and 2). dpo: rows 1, 3 (loses 0 and
-    2, gains 3). The by-task table comes from math_by_task; a stage without an answers file is left out."""
+    """Four held-out rows. start: right on row 0. sft: rows 0, 1, 2 (gains 1 and 2: sign test 2 x (1/2)^2 =
+    0.5). dpo: rows 1, 3 (loses 0 and 2, gains 3: 2 x (1 + 3) / 2^3, capped at 1). The by-task table comes from
+    math_by_task; a stage without an answers file is left out."""
     run = make_run(tmp_path)
     verdicts = {"start": [1, 0, 0, 0], "sft": [1, 1, 1, 0], "dpo": [0, 1, 0, 1]}
     for stage, correct in verdicts.items():
@@ -197,8 +198,8 @@ def test_the_report_counts_the_math_answers_each_stage_turned_right_or_wrong(tmp
         result["math_by_task"] = {"ages": sum(correct[:2]) / 2, "travel": sum(correct[2:]) / 2}
         (run / stage / "eval.json").write_text(json.dumps(result))
     text = write_report(run).read_text()
-    assert "| start | sft | 4 | 2 | 0 | 1 | +2 |" in text
-    assert "| sft | dpo | 4 | 1 | 2 | 1 | -1 |" in text
+    assert "| start | sft | 4 | 2 | 0 | 1 | +2 | 0.5 |" in text
+    assert "| sft | dpo | 4 | 1 | 2 | 1 | -1 | 1 |" in text
     assert "online_dpo |" not in text.split("## Which math answers")[1].split("##")[0]
     assert table_row(text, "task") == ["start", "sft", "dpo", "online_dpo"]
     assert table_row(text, "ages") == ["0.5", "1", "0.5", "missing"]
@@ -216,5 +217,38 @@ def test_each_stage_is_counted_against_the_model_it_started_from(tmp_path):
     (run / "online_dpo" / "config.yaml").write_text(f"model:\n  name_or_path: {run / 'sft'}\n")
     (run / "dpo" / "config.yaml").write_text("model:\n  name_or_path: some-org/some-model\n")
     text = write_report(run).read_text()
-    assert "| sft | online_dpo | 4 | 1 | 0 | 2 | +1 |" in text
-    assert "| sft | dpo | 4 | 0 | 2 | 0 | -2 |" in text
+    assert "| sft | online_dpo | 4 | 1 | 0 | 2 | +1 | 1 |" in text
+    assert "| sft | dpo | 4 | 0 | 2 | 0 | -2 | 0.5 |" in text
+
+
+def test_the_report_counts_where_the_judges_verdict_rose_or_fell_with_a_sign_test(tmp_path):
+    """The judge's verdicts against the start model (win: 1, 0.5, 0) on five prompts. start ties itself
+    everywhere. sft: 1, 1, 1, 0, 0.5 -> up on 3 prompts, down on 1 (2 x (1 + 4) / 2^4 = 0.625). dpo: 1, 1, 1, 1,
+    1 -> up where sft had 0 and 0.5, never down (2 x (1/2)^2 = 0.5); win rate 0.7 -> 1. online_dpo has no
+    verdict on row 4 (null: not scored), so its row compares 4 prompts: 0, 1, 1, 0 against dpo's 1, 1, 1, 1."""
+    run = make_run(tmp_path)
+    wins = {"start": [0.5] * 5, "sft": [1, 1, 1, 0, 0.5], "dpo": [1] * 5, "online_dpo": [0, 1, 1, 0, None]}
+    for stage, verdicts in wins.items():
+        rows = [
+            {"set": "math", "row": i, "answer": "a", "correct": False, "win": w}
+            for i, w in enumerate(verdicts)
+        ]
+        rows.append({"set": "ifeval", "row": 0, "answer": "b"})  # no verdict: not counted
+        write_jsonl(run / stage / "eval.answers.jsonl", rows)
+    text = write_report(run).read_text()
+    section = text.split("## Which answers the judge prefers")[1].split("##")[0]
+    assert "| start | sft | 5 | 3 | 1 | 0.5 | 0.7 | 0.62 |" in section
+    assert "| sft | dpo | 5 | 2 | 0 | 0.7 | 1 | 0.5 |" in section
+    assert "| dpo | online_dpo | 4 | 0 | 2 | 1 | 0.5 | 0.5 |" in section
+
+
+def test_answers_without_the_judges_verdicts_give_no_verdict_table(tmp_path):
+    """Answers files written before the evaluation recorded verdicts: the math table only."""
+    run = make_run(tmp_path)
+    for stage in ("start", "sft"):
+        write_jsonl(
+            run / stage / "eval.answers.jsonl", [{"set": "math", "row": 0, "answer": "a", "correct": True}]
+        )
+    text = write_report(run).read_text()
+    assert "## Which math answers each stage changed" in text
+    assert "## Which answers the judge prefers" not in text
