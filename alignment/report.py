@@ -1,6 +1,7 @@
 """The chain's report: ``<run>/report.md`` with PNG plots of what each stage bought and what it cost.
 
     python -m alignment.report outputs/chain          (the chain writes it at its end)
+    python -m alignment.report compare A/eval.json B/eval.json   (two evaluations, prompt by prompt)
 
 It reads files only, from each folder of the run (the start model's evaluation is the folder ``start``):
 ``stage.json`` / ``eval.stage.json`` (status and wall time), ``metrics.jsonl`` (training curves: loss,
@@ -103,10 +104,8 @@ def task_table(run: Path, stages: list[str]) -> Table:
     return {t: {s: _number(found[s].get(t)) for s in stages} for t in tasks}
 
 
-def answer_rows(run: Path, stage: str) -> list[dict[str, Any]]:
-    """The rows of the stage's answers file (``eval.answers.jsonl``); a cut-short line is left out."""
-    result = read_json(run / stage / "eval.json") or {}
-    path = run / stage / str(result.get("answers") or "eval.answers.jsonl")
+def read_answers(path: Path) -> list[dict[str, Any]]:
+    """The rows of an answers file (``eval.answers.jsonl``); a cut-short line is left out, a missing file is []."""
     if not path.is_file():
         return []
     rows = []
@@ -118,23 +117,52 @@ def answer_rows(run: Path, stage: str) -> list[dict[str, Any]]:
     return rows
 
 
-def math_verdicts(run: Path, stage: str) -> dict[int, bool]:
-    """Row of the held-out math set -> was the stage's greedy answer right, from its answers file."""
+def answers_beside(result_path: Path) -> Path:
+    """The answers file an evaluation's JSON names (``answers``), beside it; an answers file is itself."""
+    if result_path.suffix == ".jsonl":
+        return result_path
+    result = read_json(result_path) or {}
+    return result_path.parent / str(result.get("answers") or result_path.stem + ".answers.jsonl")
+
+
+def math_verdicts(rows: list[dict[str, Any]]) -> dict[int, bool]:
+    """Row of the held-out math set -> was the greedy answer right."""
     return {
         int(row["row"]): row["correct"]
-        for row in answer_rows(run, stage)
+        for row in rows
         if row.get("set") == "math" and isinstance(row.get("correct"), bool)
     }
 
 
-def judge_verdicts(run: Path, stage: str) -> dict[tuple[str, int], float]:
-    """(set, row) -> the judge's verdict on the stage's answer against the start model's (``win``: 1, 0.5, 0),
-    where the evaluation recorded one."""
+def judge_verdicts(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """(set, row) -> the judge's verdict on the answer against the start model's (``win``: 1, 0.5, 0), where the
+    evaluation recorded one."""
     return {
         (row["set"], int(row["row"])): float(row["win"])
-        for row in answer_rows(run, stage)
+        for row in rows
         if isinstance(row.get("win"), int | float) and not isinstance(row.get("win"), bool)
     }
+
+
+def math_moves(before: dict[int, bool], after: dict[int, bool]) -> dict[str, Any]:
+    """Answers turned right (``gained``) and wrong (``lost``) on the prompts both were read on, and the sign
+    test of the two."""
+    rows = sorted(set(before) & set(after))
+    gained = sum(not before[r] and after[r] for r in rows)
+    lost = sum(before[r] and not after[r] for r in rows)
+    kept = sum(before[r] and after[r] for r in rows)
+    return {"prompts": len(rows), "gained": gained, "lost": lost, "kept": kept, "p": sign_test(gained, lost)}
+
+
+def verdict_moves(before: dict[Any, float], after: dict[Any, float]) -> dict[str, Any]:
+    """Prompts whose judge's verdict rose (a loss became a tie or a win, a tie a win) or fell, the two win rates
+    on the prompts both have a verdict for, and the sign test of up against down."""
+    keys = sorted(set(before) & set(after))
+    up = sum(after[k] > before[k] for k in keys)
+    down = sum(after[k] < before[k] for k in keys)
+    rate = [sum(v[k] for k in keys) / len(keys) if keys else None for v in (before, after)]
+    return {"prompts": len(keys), "up": up, "down": down, "before": rate[0], "after": rate[1],
+            "p": sign_test(up, down)}  # fmt: skip
 
 
 def source_stage(run: Path, stage: str, earlier: list[str]) -> str:
@@ -157,7 +185,8 @@ def flips_section(run: Path, stages: list[str]) -> list[str]:
     is many answers moving both ways, or few moving one way. The sign test's p says how often a coin would
     split the changed answers at least that unevenly."""
     lines = []
-    verdicts = {s: math_verdicts(run, s) for s in stages}
+    rows = {s: read_answers(answers_beside(run / s / "eval.json")) for s in stages}
+    verdicts = {s: math_verdicts(rows[s]) for s in stages}
     math_stages = [s for s in stages if verdicts[s]]
     if len(math_stages) >= 2:
         lines += [
@@ -171,16 +200,13 @@ def flips_section(run: Path, stages: list[str]) -> list[str]:
         ]
         for i, after in enumerate(math_stages[1:], start=1):
             before = source_stage(run, after, math_stages[:i])
-            rows = sorted(set(verdicts[before]) & set(verdicts[after]))
-            gained = sum(not verdicts[before][r] and verdicts[after][r] for r in rows)
-            lost = sum(verdicts[before][r] and not verdicts[after][r] for r in rows)
-            kept = sum(verdicts[before][r] and verdicts[after][r] for r in rows)
+            m = math_moves(verdicts[before], verdicts[after])
             lines.append(
-                f"| {before} | {after} | {len(rows)} | {gained} | {lost} | {kept} | {gained - lost:+d} | "
-                f"{sign_test(gained, lost):.2g} |"
+                f"| {before} | {after} | {m['prompts']} | {m['gained']} | {m['lost']} | {m['kept']} | "
+                f"{m['gained'] - m['lost']:+d} | {m['p']:.2g} |"
             )
         lines.append("")
-    wins = {s: judge_verdicts(run, s) for s in stages}
+    wins = {s: judge_verdicts(rows[s]) for s in stages}
     win_stages = [s for s in stages if wins[s]]
     if len(win_stages) >= 2:
         lines += [
@@ -196,16 +222,36 @@ def flips_section(run: Path, stages: list[str]) -> list[str]:
         ]
         for i, after in enumerate(win_stages[1:], start=1):
             before = source_stage(run, after, win_stages[:i])
-            keys = sorted(set(wins[before]) & set(wins[after]))
-            up = sum(wins[after][k] > wins[before][k] for k in keys)
-            down = sum(wins[after][k] < wins[before][k] for k in keys)
-            rate = {s: sum(wins[s][k] for k in keys) / len(keys) if keys else None for s in (before, after)}
+            v = verdict_moves(wins[before], wins[after])
             lines.append(
-                f"| {before} | {after} | {len(keys)} | {up} | {down} | {fmt(rate[before])} | "
-                f"{fmt(rate[after])} | {sign_test(up, down):.2g} |"
+                f"| {before} | {after} | {v['prompts']} | {v['up']} | {v['down']} | {fmt(v['before'])} | "
+                f"{fmt(v['after'])} | {v['p']:.2g} |"
             )
         lines.append("")
     return lines
+
+
+def compare(before: str | Path, after: str | Path) -> list[str]:
+    """Two evaluations of the same prompts (each an ``eval.json`` or its answers file), prompt by prompt: the
+    math answers turned right and wrong, and the judge's verdicts risen and fallen, each with its sign test."""
+    rows = [read_answers(answers_beside(Path(p))) for p in (before, after)]
+    for p, r in zip((before, after), rows):
+        if not r:
+            raise FileNotFoundError(f"{p}: no answers (an eval.json with its eval.answers.jsonl beside it)")
+    lines = []
+    m = math_moves(math_verdicts(rows[0]), math_verdicts(rows[1]))
+    if m["prompts"]:
+        lines.append(
+            f"math ({m['prompts']} prompts): {m['gained']} wrong -> right, {m['lost']} right -> wrong, "
+            f"net {m['gained'] - m['lost']:+d}, sign test p = {m['p']:.2g}"
+        )
+    v = verdict_moves(judge_verdicts(rows[0]), judge_verdicts(rows[1]))
+    if v["prompts"]:
+        lines.append(
+            f"judge's verdict against the start model ({v['prompts']} prompts): {v['up']} up, {v['down']} down, "
+            f"win rate {fmt(v['before'])} -> {fmt(v['after'])}, sign test p = {v['p']:.2g}"
+        )
+    return lines or ["no prompt has a verdict in both (math `correct` or the judge's `win`)"]
 
 
 def _number(value: Any) -> float | None:
@@ -367,11 +413,22 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+USAGE = """usage: python -m alignment.report <run folder>                  (e.g. outputs/chain)
+       python -m alignment.report compare <before> <after>   (two eval.json of the same prompts)"""
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        raise SystemExit("usage: python -m alignment.report <run folder>   (e.g. outputs/chain)")
-    print(write_report(argv[0]))
+    if len(argv) == 3 and argv[0] == "compare":
+        try:
+            print("\n".join(compare(argv[1], argv[2])))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    elif len(argv) == 1 and argv[0] not in ("-h", "--help"):
+        print(write_report(argv[0]))
+    else:
+        raise SystemExit(USAGE)
 
 
 if __name__ == "__main__":

@@ -252,3 +252,32 @@ def test_answers_without_the_judges_verdicts_give_no_verdict_table(tmp_path):
     text = write_report(run).read_text()
     assert "## Which math answers each stage changed" in text
     assert "## Which answers the judge prefers" not in text
+
+
+def test_compare_two_evaluations_prompt_by_prompt_from_the_command_line(tmp_path):
+    """Two evaluations of three math prompts: a is right on 0, b on 1 and 2 (2 up, 1 down: p = 2 x 4 / 8,
+    capped at 1); the judge's verdicts 0, 0.5, 1 against 1, 1, 1 (2 up, none down: p = 2 x (1/2)^2 = 0.5; win
+    rate 0.5 -> 1). b is named by its answers file, a by its eval.json; a missing one is a one-line error."""
+    for name, correct, wins in (("a", [1, 0, 0], [0, 0.5, 1]), ("b", [0, 1, 1], [1, 1, 1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"answers": "eval.answers.jsonl"}))
+        rows = [
+            {"set": "math", "row": i, "correct": bool(c), "win": w}
+            for i, (c, w) in enumerate(zip(correct, wins))
+        ]
+        write_jsonl(tmp_path / name / "eval.answers.jsonl", rows)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "alignment.report", "compare", *map(str, args)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    proc = run(tmp_path / "a" / "eval.json", tmp_path / "b" / "eval.answers.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "math (3 prompts): 2 wrong -> right, 1 right -> wrong, net +1, sign test p = 1",
+        "judge's verdict against the start model (3 prompts): 2 up, 0 down, win rate 0.5 -> 1, sign test p = 0.5",
+    ]
+    proc = run(tmp_path / "a" / "eval.json", tmp_path / "nope.json")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        f"error: {tmp_path / 'nope.json'}: no answers"
+    )
