@@ -179,56 +179,66 @@ def source_stage(run: Path, stage: str, earlier: list[str]) -> str:
     return earlier[-1]
 
 
+def moves_table(
+    run: Path, stages: list[str], verdicts: dict, moves, head: list[str], columns: list[str], cells
+):
+    """One row per stage evaluated after another, against the stage whose model it started from
+    (``source_stage``): ``cells(moves(verdicts[before], verdicts[after]))`` under ``columns``; [] with fewer than
+    two stages that have verdicts."""
+    stages = [s for s in stages if verdicts[s]]
+    if len(stages) < 2:
+        return []
+    lines = [
+        *head,
+        "",
+        "| from | to | " + " | ".join(columns) + " |",
+        "| --- | --- |" + " ---: |" * len(columns),
+    ]
+    for i, after in enumerate(stages[1:], start=1):
+        before = source_stage(run, after, stages[:i])
+        row = cells(moves(verdicts[before], verdicts[after]))
+        lines.append(f"| {before} | {after} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
 def flips_section(run: Path, stages: list[str]) -> list[str]:
     """How many held-out math answers each stage turned right or wrong against the stage whose model it
-    started from (``source_stage``), and how many the judge now prefers more or less: a change of a few points
-    is many answers moving both ways, or few moving one way. The sign test's p says how often a coin would
-    split the changed answers at least that unevenly."""
-    lines = []
+    started from, and how many the judge now prefers more or less: a change of a few points is many answers
+    moving both ways, or few moving one way. The sign test's p says how often a coin would split the changed
+    answers at least that unevenly."""
     rows = {s: read_answers(answers_beside(run / s / "eval.json")) for s in stages}
-    verdicts = {s: math_verdicts(rows[s]) for s in stages}
-    math_stages = [s for s in stages if verdicts[s]]
-    if len(math_stages) >= 2:
-        lines += [
-            "## Which math answers each stage changed",
-            "",
-            "Greedy answers to the held-out math prompts, against the model the stage started from "
-            "(`eval.answers.jsonl`); p: the two-sided sign test of wrong -> right against right -> wrong.",
-            "",
-            "| from | to | prompts | wrong -> right | right -> wrong | right in both | net | p (sign test) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for i, after in enumerate(math_stages[1:], start=1):
-            before = source_stage(run, after, math_stages[:i])
-            m = math_moves(verdicts[before], verdicts[after])
-            lines.append(
-                f"| {before} | {after} | {m['prompts']} | {m['gained']} | {m['lost']} | {m['kept']} | "
-                f"{m['gained'] - m['lost']:+d} | {m['p']:.2g} |"
-            )
-        lines.append("")
-    wins = {s: judge_verdicts(rows[s]) for s in stages}
-    win_stages = [s for s in stages if wins[s]]
-    if len(win_stages) >= 2:
-        lines += [
-            "## Which answers the judge prefers after each stage",
-            "",
-            "The reward model's verdict on each stage's answer against the start model's answer to the same "
-            "prompt (`win` in `eval.answers.jsonl`: win 1, tie 0.5, loss 0), against the model the stage started "
-            "from: prompts whose verdict rose (a loss became a tie or a win, a tie a win) or fell; p: the "
-            "two-sided sign test of the two.",
-            "",
-            "| from | to | prompts | verdict up | verdict down | win rate before | win rate after | p (sign test) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for i, after in enumerate(win_stages[1:], start=1):
-            before = source_stage(run, after, win_stages[:i])
-            v = verdict_moves(wins[before], wins[after])
-            lines.append(
-                f"| {before} | {after} | {v['prompts']} | {v['up']} | {v['down']} | {fmt(v['before'])} | "
-                f"{fmt(v['after'])} | {v['p']:.2g} |"
-            )
-        lines.append("")
-    return lines
+    math_head = [
+        "## Which math answers each stage changed",
+        "",
+        "Greedy answers to the held-out math prompts, against the model the stage started from "
+        "(`eval.answers.jsonl`); p: the two-sided sign test of wrong -> right against right -> wrong.",
+    ]
+    math_columns = ["prompts", "wrong -> right", "right -> wrong", "right in both", "net", "p (sign test)"]
+    judge_head = [
+        "## Which answers the judge prefers after each stage",
+        "",
+        "The reward model's verdict on each stage's answer against the start model's answer to the same "
+        "prompt (`win` in `eval.answers.jsonl`: win 1, tie 0.5, loss 0), against the model the stage started "
+        "from: prompts whose verdict rose (a loss became a tie or a win, a tie a win) or fell; p: the "
+        "two-sided sign test of the two.",
+    ]
+    judge_columns = [
+        "prompts",
+        "verdict up",
+        "verdict down",
+        "win rate before",
+        "win rate after",
+        "p (sign test)",
+    ]
+    return moves_table(
+        run, stages, {s: math_verdicts(rows[s]) for s in stages}, math_moves, math_head, math_columns,
+        lambda m: [str(m["prompts"]), str(m["gained"]), str(m["lost"]), str(m["kept"]),
+                   f"{m['gained'] - m['lost']:+d}", f"{m['p']:.2g}"],
+    ) + moves_table(
+        run, stages, {s: judge_verdicts(rows[s]) for s in stages}, verdict_moves, judge_head, judge_columns,
+        lambda v: [str(v["prompts"]), str(v["up"]), str(v["down"]), fmt(v["before"]), fmt(v["after"]),
+                   f"{v['p']:.2g}"],
+    )  # fmt: skip
 
 
 def compare(before: str | Path, after: str | Path) -> list[str]:
