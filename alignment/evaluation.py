@@ -5,7 +5,8 @@
 - ``code_pass_at_1``: the share of coding problems whose every unit test passes in the sandbox.
 - ``win_rate``: how often a reward model prefers one model's answers to another's (``judged_scores`` scores
   them, ``win_outcomes`` gives the verdict per prompt).
-- ``mean_reward``: fresh samples at the training temperature, scored by a composed reward (the online recipe's).
+- ``mean_reward``: fresh samples at the training temperature, scored by a composed reward (the online recipe's);
+  ``held_out_change`` compares two evaluations of the same prompts, prompt by prompt, with a test of each move.
 - ``kl_to_reference``: the mean of sum_t log pi(y_t) - log pi_ref(y_t) over sampled answers y ~ pi, a
   Monte-Carlo estimate of KL(pi || pi_ref) per answer.
 - ``general_text_nll``: token-level NLL of held-out general English that ships with Python
@@ -112,8 +113,10 @@ def accuracy_by_task(correct: list[bool], examples) -> dict[str, float]:
 
 
 def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: SamplingConfig, n: int = 1):
-    """Mean composed reward of n fresh samples per prompt (None scores left out), the samples, and the mean of
-    each component of the composed reward by its label (e.g. ``reward_model``, ``math``; None left out)."""
+    """Mean composed reward of n fresh samples per prompt (None scores left out), the samples, the mean of
+    each component of the composed reward by its label (e.g. ``reward_model``, ``math``; None left out), and
+    each prompt's own mean (None where none of its samples was scored), for comparing two models prompt by
+    prompt (``held_out_change``)."""
     answers = sample(generator, tokenizer, examples, n, sampling)
     prompts = [ex.prompt for ex, a in zip(examples, answers) for _ in a]
     columns = {
@@ -127,7 +130,51 @@ def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: Sam
         vs = [v for v in values if v is not None]
         if vs:
             components[label] = sum(vs) / len(vs)
-    return (sum(scores) / len(scores) if scores else float("nan")), answers, components
+    per_prompt, i = [], 0
+    for a in answers:
+        mine = [s for s in out.scores[i : i + len(a)] if s is not None]
+        per_prompt.append(sum(mine) / len(mine) if mine else None)
+        i += len(a)
+    return (sum(scores) / len(scores) if scores else float("nan")), answers, components, per_prompt
+
+
+def held_out_change(before: list[dict], after: list[dict]) -> dict[str, float]:
+    """Two evaluations of the same held-out prompts, prompt by prompt (rows ``{"prompt", "greedy_right",
+    "reward"}`` in the same order; None where a prompt was not judged):
+
+    - greedy math: answers turned right and turned wrong, with the exact sign test of the two counts;
+    - fresh samples: each prompt's mean reward after minus before, their mean with its standard error, the
+      prompts whose mean rose and fell, and the sign-flip permutation test of the mean change
+      (``alignment.stats.paired_difference``).
+
+    Rows whose prompts differ are refused (ValueError naming the first): the comparison would be meaningless."""
+    from alignment.stats import paired_difference, sign_test
+
+    if len(before) != len(after):
+        raise ValueError(f"held_out_change: {len(before)} prompts before, {len(after)} after")
+    for i, (b, a) in enumerate(zip(before, after)):
+        if b["prompt"] != a["prompt"]:
+            raise ValueError(f"held_out_change: prompt {i + 1} differs between the two evaluations")
+    out: dict[str, float] = {}
+    moved = [
+        (b["greedy_right"], a["greedy_right"])
+        for b, a in zip(before, after)
+        if b.get("greedy_right") is not None and a.get("greedy_right") is not None
+    ]
+    if moved:
+        up = sum(1 for b, a in moved if a and not b)
+        down = sum(1 for b, a in moved if b and not a)
+        out |= {"math_turned_right": up, "math_turned_wrong": down, "math_p": sign_test(up, down)}
+    diffs = [
+        a["reward"] - b["reward"]
+        for b, a in zip(before, after)
+        if b.get("reward") is not None and a.get("reward") is not None
+    ]
+    if diffs:
+        d = paired_difference(diffs)
+        out |= {"mean_reward_change": d.mean, "mean_reward_change_se": d.se, "mean_reward_p": d.p,
+                "mean_reward_prompts_up": d.up, "mean_reward_prompts_down": d.down}  # fmt: skip
+    return out
 
 
 def reward_components(scored) -> dict[str, list]:

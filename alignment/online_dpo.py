@@ -37,6 +37,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -59,9 +60,11 @@ from alignment.evaluation import (
     answer_sequence,
     answer_sequences,
     general_text_nll,
+    greedy_answers,
+    held_out_change,
     kl_to_reference,
     load_prompts,
-    math_accuracy,
+    math_correct,
     mean_reward,
     reward_components,
 )
@@ -224,20 +227,32 @@ def push_state(policy, accelerator) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator) -> dict[str, float]:
-    """Greedy math accuracy, mean reward of fresh samples, KL to the start model, NLL on general text."""
+def evaluate(
+    cfg, generator, tokenizer, reward, policy, reference, accelerator
+) -> tuple[dict[str, float], list]:
+    """Greedy math accuracy, mean reward of fresh samples, KL to the start model, NLL on general text; and per
+    held-out prompt, whether its greedy answer is right and its samples' mean reward (what ``held_out_change``
+    compares between the evaluation at the start and at the end)."""
     ec = cfg.eval
     out: dict[str, float] = {}
+    rows: list[dict] = []
     if ec.prompts:
         examples = load_prompts(ec.prompts, ec.max_prompts)
+        rows = [{"prompt": ex.prompt, "greedy_right": None, "reward": None} for ex in examples]
         if all("answer" in ex.columns for ex in examples):
-            out["eval/math_accuracy"], _ = math_accuracy(generator, tokenizer, examples, ec.max_new_tokens)
+            greedy = greedy_answers(generator, tokenizer, examples, ec.max_new_tokens)
+            right = math_correct([a.text for a in greedy], examples)
+            out["eval/math_accuracy"] = sum(right) / max(1, len(right))
+            for row, ok in zip(rows, right):
+                row["greedy_right"] = ok
         if ec.reward_samples:
             sampling = replace(cfg.sampling, max_new_tokens=ec.max_new_tokens)
-            out["eval/mean_reward"], answers, components = mean_reward(
+            out["eval/mean_reward"], answers, components, per_prompt = mean_reward(
                 generator, tokenizer, examples, reward, sampling, ec.reward_samples
             )
             out |= {f"eval/reward/{k}": v for k, v in components.items()}  # each component's mean alone
+            for row, value in zip(rows, per_prompt):
+                row["reward"] = value
             if reference.mode == "model":  # the frozen start model
                 n = ec.kl_prompts
                 seqs = answer_sequences(tokenizer, examples[:n], answers[:n])
@@ -248,7 +263,53 @@ def evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator) 
         out["eval/general_text_nll"] = general_text_nll(
             accelerator.unwrap_model(policy), tokenizer, ec.general_text_chunks
         )
-    return out
+    return out, rows
+
+
+def write_eval(accelerator, output_dir: str, name: str, figures: dict[str, float], rows: list[dict]) -> None:
+    """One held-out evaluation, ``eval_<name>.json``: its figures and its per-prompt rows (the start's survives
+    a resume, for the comparison at the end)."""
+    if accelerator.is_main_process:
+        with open(f"{output_dir}/eval_{name}.json", "w") as f:
+            json.dump({"figures": figures, "rows": rows}, f)
+
+
+def compare_to_start(output_dir: str, end_rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+    """The start's figures and ``held_out_change`` of the end's rows against them, from ``eval_start.json``
+    (both empty when there is none, or when the held-out prompts changed since: then it says so)."""
+    path = f"{output_dir}/eval_start.json"
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        change = held_out_change(saved["rows"], end_rows)
+        return saved["figures"], {f"eval/change/{k}": v for k, v in change.items()}
+    except FileNotFoundError:
+        return {}, {}
+    except ValueError as e:
+        print(f"[eval] not compared with {path}: {e}", file=sys.stderr)
+        return {}, {}
+
+
+def describe_change(start: dict[str, float], end: dict[str, float], change: dict[str, float]) -> str:
+    """One line a reader can judge: each held-out figure before and after, its move and the test of it."""
+    parts = []
+    if "eval/change/math_turned_right" in change:
+        parts.append(
+            f"greedy math {start.get('eval/math_accuracy', float('nan')):.3f} -> "
+            f"{end.get('eval/math_accuracy', float('nan')):.3f} ({change['eval/change/math_turned_right']:.0f} "
+            f"answers turned right, {change['eval/change/math_turned_wrong']:.0f} wrong, sign test p = "
+            f"{change['eval/change/math_p']:.2g})"
+        )
+    if "eval/change/mean_reward_change" in change:
+        parts.append(
+            f"fresh-sample reward {start.get('eval/mean_reward', float('nan')):.3f} -> "
+            f"{end.get('eval/mean_reward', float('nan')):.3f} (per prompt "
+            f"{change['eval/change/mean_reward_change']:+.3f} +- {change['eval/change/mean_reward_change_se']:.3f}"
+            f"; {change['eval/change/mean_reward_prompts_up']:.0f} prompts up, "
+            f"{change['eval/change/mean_reward_prompts_down']:.0f} down; permutation test p = "
+            f"{change['eval/change/mean_reward_p']:.2g})"
+        )
+    return "[eval] start -> end: " + "; ".join(parts) if parts else ""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -441,13 +502,15 @@ def main(argv: list[str] | None = None) -> None:
     probe = (prompt_ids[0], tokenizer("The answer is 42.", add_special_tokens=False).input_ids)
 
     summary: dict[str, float] = {}
+    if start == 0 and accelerator.is_main_process:  # a fresh run never compares with an older run's start
+        for name in ("start", "end"):
+            Path(f"{tc.output_dir}/eval_{name}.json").unlink(missing_ok=True)
     if cfg.eval.at_start and start == 0:
-        summary |= {
-            f"{k}/start": v
-            for k, v in evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator).items()
-        }
-        tracker.log({k.removesuffix("/start"): v for k, v in summary.items()}, 0)
-        print0(accelerator, f"[eval] start: {summary}")
+        at_start, rows = evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)
+        write_eval(accelerator, tc.output_dir, "start", at_start, rows)
+        summary |= {f"{k}/start": v for k, v in at_start.items()}
+        tracker.log(at_start, 0)
+        print0(accelerator, f"[eval] start: {at_start}")
 
     rng = random.Random(tc.seed * 7919 + rank)
     skipped = 0
@@ -527,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics |= {"time/generation": t_gen, "time/scoring": t_score, "time/training": t_train,
                     "time/weight_push": t_push, "sampling/tokens_per_second": new_tokens / max(t_gen, 1e-9)}  # fmt: skip
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < len(plan):
-            metrics |= evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)
+            metrics |= evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)[0]
         metrics["time/step"] = time.perf_counter() - t_step
         if (step + 1) % tc.logging_steps == 0 or step == len(plan) - 1:
             tracker.log(metrics, step + 1)
@@ -544,10 +607,14 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
 
     if cfg.eval.at_end:
-        end = evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)
-        tracker.log(end, len(plan))
-        summary |= {f"{k}/end": v for k, v in end.items()}
+        end, rows = evaluate(cfg, generator, tokenizer, reward, policy, reference, accelerator)
+        write_eval(accelerator, tc.output_dir, "end", end, rows)
+        at_start, change = compare_to_start(tc.output_dir, rows)  # prompt by prompt, with a test of each move
+        tracker.log(end | change, len(plan))
+        summary |= {f"{k}/end": v for k, v in end.items()} | change
         print0(accelerator, f"[eval] end: {end}")
+        if change:
+            print0(accelerator, describe_change(at_start, end, change))
     generator.close()
     finish(
         accelerator, policy, tokenizer, cfg, tracker, {"steps": len(plan), "prompts": len(prompts), **summary}

@@ -22,8 +22,10 @@ from alignment.evaluation import (
     code_pass_at_1,
     fingerprint_weights,
     greedy_answers,
+    held_out_change,
     ifeval_accuracy,
     judged_scores,
+    mean_reward,
     win_outcomes,
     win_rate,
 )
@@ -194,6 +196,57 @@ def test_a_sandbox_that_cannot_run_makes_code_missing_with_the_reason_not_zero(m
     score_code(["a"], [ex("p", tests="t", entry_point="f")], FixedScores([None], ["launcher failed"]), report)
     assert report.missing == {"eval/code_pass@1": "the sandbox ran no program: launcher failed"}
     assert report.metrics == {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fresh samples and the comparison of two evaluations, prompt by prompt
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_mean_reward_gives_each_prompts_own_mean_and_leaves_unscored_samples_out(qwen_tokenizer):
+    from alignment.generation import SamplingConfig
+
+    # 3 prompts x 2 samples, scored in order: prompt 1 (1, 3), prompt 2 (None, 4), prompt 3 (None, None).
+    reward = FixedScores([1.0, 3.0, None, 4.0, None, None])
+    mean, answers, _, per_prompt = mean_reward(
+        FixedAnswers(["a", "b", "c"]),
+        qwen_tokenizer,
+        [ex("p1"), ex("p2"), ex("p3")],
+        reward,
+        SamplingConfig(),
+        2,
+    )
+    assert per_prompt == [2.0, 4.0, None]
+    assert mean == pytest.approx((1 + 3 + 4) / 3)  # over the scored samples, not the prompts
+    assert [len(a) for a in answers] == [2, 2, 2]
+
+
+def test_held_out_change_counts_answers_turned_each_way_and_tests_the_reward_change():
+    before = [{"prompt": f"p{i}", "greedy_right": r, "reward": w}
+              for i, (r, w) in enumerate([(False, 1.0), (True, 2.0), (True, 0.0), (None, 5.0), (False, None)])]  # fmt: skip
+    after = [{"prompt": f"p{i}", "greedy_right": r, "reward": w}
+             for i, (r, w) in enumerate([(True, 2.0), (False, 4.0), (True, 3.0), (True, 5.0), (True, 9.0)])]  # fmt: skip
+    out = held_out_change(before, after)
+    # Greedy math over the 4 prompts judged both times: p0 and p4 turned right, p1 wrong, p2 stayed right, p3 was
+    # not judged before. Sign test of 2 against 1: 2 x (C(3,0) + C(3,1)) / 8 = 1.
+    assert (out["math_turned_right"], out["math_turned_wrong"], out["math_p"]) == (2, 1, 1.0)
+    # Reward over the 4 prompts scored both times: differences 1, 2, 3, 0; mean 1.5; s^2 = (0.25 + 0.25 + 2.25 +
+    # 2.25) / 3 = 5/3, se = sqrt(5/3 / 4). Of the 16 sign patterns of (1, 2, 3, 0), |sum| >= 6 only for the 4 with
+    # 1, 2, 3 of one sign (the 0's sign is free): p = 4/16.
+    assert out["mean_reward_change"] == 1.5
+    assert out["mean_reward_change_se"] == pytest.approx((5 / 3 / 4) ** 0.5)
+    assert out["mean_reward_p"] == 0.25
+    assert (out["mean_reward_prompts_up"], out["mean_reward_prompts_down"]) == (3, 0)
+
+
+def test_held_out_change_refuses_evaluations_of_other_prompts():
+    row = {"greedy_right": True, "reward": 1.0}
+    with pytest.raises(ValueError, match="prompt 2 differs"):
+        held_out_change(
+            [{"prompt": "a", **row}, {"prompt": "b", **row}], [{"prompt": "a", **row}, {"prompt": "c", **row}]
+        )
+    with pytest.raises(ValueError, match="2 prompts before, 1 after"):
+        held_out_change([{"prompt": "a", **row}] * 2, [{"prompt": "a", **row}])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -143,6 +143,13 @@ def test_toy_task_raises_the_held_out_reward_and_logs_every_metric(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     start, end = summary["eval/mean_reward/start"], summary["eval/mean_reward/end"]
     assert end > start + 0.1, (start, end)  # measured: 0.61 -> 0.97
+    # Prompt by prompt: every sample is scored here, so the mean of the prompts' changes is the change of the mean.
+    assert summary["eval/change/mean_reward_change"] == pytest.approx(end - start, abs=1e-6)
+    assert summary["eval/change/mean_reward_prompts_up"] > summary["eval/change/mean_reward_prompts_down"]
+    assert 0 < summary["eval/change/mean_reward_p"] <= 1
+    saved = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in ("start", "end")}
+    assert saved["start"]["figures"]["eval/mean_reward"] == start
+    assert [r["prompt"] for r in saved["start"]["rows"]] == [r["prompt"] for r in saved["end"]["rows"]]
     m = [x for x in read_metrics(out) if x["step"] >= 1 and "loss" in x]
     for name in ("objective/scores", "objective/scores_margin", "objective/kl", "rewards/chosen", "rewards/margins",
                  "rewards/accuracies", "logps/chosen", "online/pair_fraction", "online/dropped_ties",
