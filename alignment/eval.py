@@ -86,6 +86,7 @@ from alignment.generation import (
     vllm_available,
 )
 from alignment.models import cache_dir, load_tokenizer, resolve_model
+from alignment.report import answers_path
 
 SETS = ("math", "ifeval", "code")
 # Columns a row of each held-out set must have for its metric.
@@ -498,11 +499,6 @@ def logprob_metrics(cfg: EvalConfig, path: str, reference: str | None, tokenizer
 # --------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------
-
-
-def answers_path(output: Path) -> Path:
-    """Where the greedy answers go beside the JSON: eval.json -> eval.answers.jsonl."""
-    return output.with_name(output.stem + ".answers.jsonl")
 
 
 def main(argv: list[str] | None = None) -> dict:

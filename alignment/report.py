@@ -117,12 +117,17 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def answers_path(result_path: Path) -> Path:
+    """Where an evaluation writes its answers beside its JSON: eval.json -> eval.answers.jsonl."""
+    return result_path.with_name(result_path.stem + ".answers.jsonl")
+
+
 def answers_beside(result_path: Path) -> Path:
     """The answers file an evaluation's JSON names (``answers``), beside it; an answers file is itself."""
     if result_path.suffix == ".jsonl":
         return result_path
-    result = read_json(result_path) or {}
-    return result_path.parent / str(result.get("answers") or result_path.stem + ".answers.jsonl")
+    named = (read_json(result_path) or {}).get("answers")
+    return result_path.parent / str(named) if named else answers_path(result_path)
 
 
 def math_verdicts(rows: list[dict[str, Any]]) -> dict[int, bool]:
