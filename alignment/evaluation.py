@@ -115,8 +115,8 @@ def accuracy_by_task(correct: list[bool], examples) -> dict[str, float]:
 def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: SamplingConfig, n: int = 1):
     """Mean composed reward of n fresh samples per prompt (None scores left out), the samples, the mean of
     each component of the composed reward by its label (e.g. ``reward_model``, ``math``; None left out), and
-    each prompt's own mean (None where none of its samples was scored), for comparing two models prompt by
-    prompt (``held_out_change``)."""
+    each prompt's own means, for comparing two models prompt by prompt (``held_out_change``): ``{"reward":
+    [...], "reward/<label>": [...]}``, one value per prompt, None where none of its samples was scored."""
     answers = sample(generator, tokenizer, examples, n, sampling)
     prompts = [ex.prompt for ex, a in zip(examples, answers) for _ in a]
     columns = {
@@ -125,17 +125,23 @@ def mean_reward(generator: Generator, tokenizer, examples, reward, sampling: Sam
     }
     out = reward(prompts, [c.text for a in answers for c in a], **columns)
     scores = [s for s in out.scores if s is not None]
-    components = {}
+    components, per_prompt = {}, {"reward": _per_prompt_means(out.scores, answers)}
     for label, values in reward_components(out).items():
         vs = [v for v in values if v is not None]
         if vs:
             components[label] = sum(vs) / len(vs)
-    per_prompt, i = [], 0
-    for a in answers:
-        mine = [s for s in out.scores[i : i + len(a)] if s is not None]
-        per_prompt.append(sum(mine) / len(mine) if mine else None)
-        i += len(a)
+            per_prompt[f"reward/{label}"] = _per_prompt_means(values, answers)
     return (sum(scores) / len(scores) if scores else float("nan")), answers, components, per_prompt
+
+
+def _per_prompt_means(values: list, answers: list[list]) -> list[float | None]:
+    """The mean of each prompt's values (flat, prompt by prompt as ``answers``), None where all are None."""
+    out, i = [], 0
+    for a in answers:
+        mine = [v for v in values[i : i + len(a)] if v is not None]
+        out.append(sum(mine) / len(mine) if mine else None)
+        i += len(a)
+    return out
 
 
 def held_out_change(before: list[dict], after: list[dict]) -> dict[str, float]:
@@ -145,7 +151,8 @@ def held_out_change(before: list[dict], after: list[dict]) -> dict[str, float]:
     - greedy math: answers turned right and turned wrong, with the exact sign test of the two counts;
     - fresh samples: each prompt's mean reward after minus before, their mean with its standard error, the
       prompts whose mean rose and fell, and the sign-flip permutation test of the mean change
-      (``alignment.stats.paired_difference``).
+      (``alignment.stats.paired_difference``): ``mean_reward_*`` for the composed reward (``reward``), and
+      ``reward/<label>_*`` for each component the rows carry (``reward/<label>``).
 
     Rows whose prompts differ are refused (ValueError naming the first): the comparison would be meaningless."""
     from alignment.stats import paired_difference, sign_test
@@ -165,15 +172,18 @@ def held_out_change(before: list[dict], after: list[dict]) -> dict[str, float]:
         up = sum(1 for b, a in moved if a and not b)
         down = sum(1 for b, a in moved if b and not a)
         out |= {"math_turned_right": up, "math_turned_wrong": down, "math_p": sign_test(up, down)}
-    diffs = [
-        a["reward"] - b["reward"]
-        for b, a in zip(before, after)
-        if b.get("reward") is not None and a.get("reward") is not None
-    ]
-    if diffs:
-        d = paired_difference(diffs)
-        out |= {"mean_reward_change": d.mean, "mean_reward_change_se": d.se, "mean_reward_p": d.p,
-                "mean_reward_prompts_up": d.up, "mean_reward_prompts_down": d.down}  # fmt: skip
+    keys = [k for k in before[0] if k == "reward" or k.startswith("reward/")] if before else []
+    for key in keys:
+        diffs = [
+            a[key] - b[key]
+            for b, a in zip(before, after)
+            if b.get(key) is not None and a.get(key) is not None
+        ]
+        if diffs:
+            d = paired_difference(diffs)
+            name = "mean_reward" if key == "reward" else key
+            out |= {f"{name}_change": d.mean, f"{name}_change_se": d.se, f"{name}_p": d.p,
+                    f"{name}_prompts_up": d.up, f"{name}_prompts_down": d.down}  # fmt: skip
     return out
 
 

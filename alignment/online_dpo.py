@@ -115,6 +115,10 @@ class OnlineEvalConfig:
     max_new_tokens: int = 256
     # Fresh samples per prompt (at the training sampling settings) scored by the composed reward.
     reward_samples: int = 1
+    # Per-request seeds of those samples, the same at every evaluation: the start's and the end's answers draw
+    # the same random numbers and differ only where the model changed (common random numbers), so a prompt's
+    # change of reward is the model's, not the dice's. null: the engine's running stream.
+    seed: int | None = 0
     # KL to the start model over the fresh samples of the first N prompts (two full forwards per answer).
     kl_prompts: int = 48
     # Alignment tax: token NLL on held-out general text (pydoc topics), chunks x 256 tokens (0: off).
@@ -246,13 +250,14 @@ def evaluate(
             for row, ok in zip(rows, right):
                 row["greedy_right"] = ok
         if ec.reward_samples:
-            sampling = replace(cfg.sampling, max_new_tokens=ec.max_new_tokens)
+            sampling = replace(cfg.sampling, max_new_tokens=ec.max_new_tokens, seed=ec.seed)
             out["eval/mean_reward"], answers, components, per_prompt = mean_reward(
                 generator, tokenizer, examples, reward, sampling, ec.reward_samples
             )
             out |= {f"eval/reward/{k}": v for k, v in components.items()}  # each component's mean alone
-            for row, value in zip(rows, per_prompt):
-                row["reward"] = value
+            for key, values in per_prompt.items():  # the composed reward and each component
+                for row, value in zip(rows, values):
+                    row[key] = value
             if reference.mode == "model":  # the frozen start model
                 n = ec.kl_prompts
                 seqs = answer_sequences(tokenizer, examples[:n], answers[:n])
@@ -291,25 +296,35 @@ def compare_to_start(output_dir: str, end_rows: list[dict]) -> tuple[dict[str, f
 
 
 def describe_change(start: dict[str, float], end: dict[str, float], change: dict[str, float]) -> str:
-    """One line a reader can judge: each held-out figure before and after, its move and the test of it."""
-    parts = []
+    """What a reader can judge, one line per figure: before and after, the move and the test of it."""
+    nan = float("nan")
+    lines = []
     if "eval/change/math_turned_right" in change:
-        parts.append(
-            f"greedy math {start.get('eval/math_accuracy', float('nan')):.3f} -> "
-            f"{end.get('eval/math_accuracy', float('nan')):.3f} ({change['eval/change/math_turned_right']:.0f} "
-            f"answers turned right, {change['eval/change/math_turned_wrong']:.0f} wrong, sign test p = "
-            f"{change['eval/change/math_p']:.2g})"
+        lines.append(
+            f"greedy math {start.get('eval/math_accuracy', nan):.3f} -> {end.get('eval/math_accuracy', nan):.3f}: "
+            f"{change['eval/change/math_turned_right']:.0f} answers turned right, "
+            f"{change['eval/change/math_turned_wrong']:.0f} wrong (sign test p = {change['eval/change/math_p']:.2g})"
         )
-    if "eval/change/mean_reward_change" in change:
-        parts.append(
-            f"fresh-sample reward {start.get('eval/mean_reward', float('nan')):.3f} -> "
-            f"{end.get('eval/mean_reward', float('nan')):.3f} (per prompt "
-            f"{change['eval/change/mean_reward_change']:+.3f} +- {change['eval/change/mean_reward_change_se']:.3f}"
-            f"; {change['eval/change/mean_reward_prompts_up']:.0f} prompts up, "
-            f"{change['eval/change/mean_reward_prompts_down']:.0f} down; permutation test p = "
-            f"{change['eval/change/mean_reward_p']:.2g})"
+    names = ["mean_reward"] + [
+        k.removeprefix("eval/change/").removesuffix("_change")
+        for k in change
+        if k.startswith("eval/change/reward/") and k.endswith("_change")
+    ]
+    for name in names:
+        c = {
+            part: change.get(f"eval/change/{name}_{part}")
+            for part in ("change", "change_se", "p", "prompts_up", "prompts_down")
+        }
+        if c["change"] is None:
+            continue
+        figure = "eval/mean_reward" if name == "mean_reward" else f"eval/{name}"
+        label = "fresh-sample reward" if name == "mean_reward" else f"  of it, {name.removeprefix('reward/')}"
+        lines.append(
+            f"{label} {start.get(figure, nan):.3f} -> {end.get(figure, nan):.3f}: per prompt {c['change']:+.3f} "
+            f"+- {c['change_se']:.3f}, {c['prompts_up']:.0f} prompts up, {c['prompts_down']:.0f} down "
+            f"(permutation test p = {c['p']:.2g})"
         )
-    return "[eval] start -> end: " + "; ".join(parts) if parts else ""
+    return "\n".join(f"[eval] start -> end: {line}" for line in lines)
 
 
 # --------------------------------------------------------------------------------------------------------------

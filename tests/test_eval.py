@@ -216,9 +216,24 @@ def test_mean_reward_gives_each_prompts_own_mean_and_leaves_unscored_samples_out
         SamplingConfig(),
         2,
     )
-    assert per_prompt == [2.0, 4.0, None]
+    assert per_prompt == {"reward": [2.0, 4.0, None]}  # a reward with no components gives only its own
     assert mean == pytest.approx((1 + 3 + 4) / 3)  # over the scored samples, not the prompts
     assert [len(a) for a in answers] == [2, 2, 2]
+
+
+def test_mean_reward_gives_each_components_per_prompt_mean_too(qwen_tokenizer):
+    from alignment.generation import SamplingConfig
+    from reward import RewardSpec, build_reward
+
+    # 2 prompts x 2 answers: the math reward against golds 4 and 5 (weight 2), the arithmetic check beside it
+    # (weight 0: a component the rows carry, no part of the sum).
+    reward = build_reward([RewardSpec("math", weight=2.0), RewardSpec("arithmetic", weight=0.0)])
+    answers = FixedAnswers(["2 + 2 = 4. The answer is 4.", "2 + 2 = 6. The answer is 6."])
+    _, _, components, per_prompt = mean_reward(
+        answers, qwen_tokenizer, [ex("p1", answer="4"), ex("p2", answer="5")], reward, SamplingConfig(), 2
+    )
+    assert per_prompt == {"reward": [2.0, 0.0], "reward/math": [1.0, 0.0], "reward/arithmetic": [1.0, 0.0]}
+    assert components == {"math": 0.5, "arithmetic": 0.5}
 
 
 def test_held_out_change_counts_answers_turned_each_way_and_tests_the_reward_change():
@@ -237,6 +252,11 @@ def test_held_out_change_counts_answers_turned_each_way_and_tests_the_reward_cha
     assert out["mean_reward_change_se"] == pytest.approx((5 / 3 / 4) ** 0.5)
     assert out["mean_reward_p"] == 0.25
     assert (out["mean_reward_prompts_up"], out["mean_reward_prompts_down"]) == (3, 0)
+    # A component the rows carry is compared the same way: differences -1 and +1, mean 0, p = 1.
+    for b, a, (x, y) in zip(before[:2], after[:2], [(1.0, 0.0), (0.0, 1.0)]):
+        b["reward/math"], a["reward/math"] = x, y
+    out = held_out_change(before, after)
+    assert (out["reward/math_change"], out["reward/math_p"], out["reward/math_prompts_up"]) == (0.0, 1.0, 1)
 
 
 def test_held_out_change_refuses_evaluations_of_other_prompts():

@@ -247,3 +247,45 @@ def test_answers_of_a_slow_tokenizer_are_decoded_whole_without_the_stop_token(qw
     assert gen._decode([1, 2], ids + gen.stop_ids, finished=True) == "Forty-two."
     gen.tokenizer = qwen_tokenizer  # the streaming path gives the same here
     assert gen._decode([1, 2], ids + gen.stop_ids, finished=True) == "Forty-two."
+
+
+def seeded_runs(generator, tokenizer):
+    """Answers to 12 prompts x 4 under seed 7, then again after unseeded sampling moved the engine's own stream,
+    then the same prompts under seed 8, and the last 6 prompts alone under seed 7 + 6 x 4."""
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": f"Count to {i}."}]) for i in range(12)]
+    s = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=7)
+    ids = lambda out: [[c.token_ids for c in per_prompt] for per_prompt in out]  # noqa: E731
+    first = ids(generator.generate(prompts, 4, s))
+    generator.generate(prompts[:3], 5, SamplingConfig(temperature=1.0, max_new_tokens=16))
+    again = ids(generator.generate(prompts, 4, s))
+    other = ids(generator.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=16, seed=8)))
+    tail = ids(
+        generator.generate(prompts[6:], 4, SamplingConfig(temperature=1.0, max_new_tokens=16, seed=7 + 24))
+    )
+    return first, again, other, tail
+
+
+def check_seeded(first, again, other, tail):
+    assert again == first  # the same draws whatever ran between
+    assert other != first  # another seed, other draws
+    assert tail == first[6:]  # prompt i's answers follow seed + i * n alone, not its neighbours in the call
+    assert all(len({tuple(a) for a in per_prompt}) > 1 for per_prompt in first)  # a prompt's answers differ
+
+
+@pytest.mark.vllm
+def test_seeded_vllm_sampling_repeats_per_request_whatever_ran_before(tiny_qwen2, qwen_tokenizer):
+    generator = make_generator(
+        GenerationConfig(backend="vllm", max_model_len=256, kv_cache_gib=1),
+        tiny_qwen2,
+        qwen_tokenizer,
+        "float32",
+    )
+    try:
+        check_seeded(*seeded_runs(generator, qwen_tokenizer))
+    finally:
+        generator.close()
+
+
+def test_seeded_transformers_sampling_repeats_per_prompt_whatever_ran_before(tiny_qwen2, qwen_tokenizer):
+    generator = TransformersGenerator(GenerationConfig(), tiny_qwen2, qwen_tokenizer, "float32")
+    check_seeded(*seeded_runs(generator, qwen_tokenizer))

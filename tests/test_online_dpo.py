@@ -142,11 +142,12 @@ def test_toy_task_raises_the_held_out_reward_and_logs_every_metric(tmp_path):
     out = run(tmp_path, "toy", "training.max_steps=8")
     summary = json.loads((out / "summary.json").read_text())
     start, end = summary["eval/mean_reward/start"], summary["eval/mean_reward/end"]
-    assert end > start + 0.1, (start, end)  # measured: 0.61 -> 0.97
-    # Prompt by prompt: every sample is scored here, so the mean of the prompts' changes is the change of the mean.
+    assert end > start + 0.1, (start, end)  # measured: 0.62 -> 0.92
+    # Prompt by prompt: every sample is scored here, so the mean of the prompts' changes is the change of the mean,
+    # and the gain is beyond chance (measured: all 12 held-out prompts up, p = 2 / 2^12, the smallest there is).
     assert summary["eval/change/mean_reward_change"] == pytest.approx(end - start, abs=1e-6)
     assert summary["eval/change/mean_reward_prompts_up"] > summary["eval/change/mean_reward_prompts_down"]
-    assert 0 < summary["eval/change/mean_reward_p"] <= 1
+    assert summary["eval/change/mean_reward_p"] < 0.01
     saved = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in ("start", "end")}
     assert saved["start"]["figures"]["eval/mean_reward"] == start
     assert [r["prompt"] for r in saved["start"]["rows"]] == [r["prompt"] for r in saved["end"]["rows"]]
