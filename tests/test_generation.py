@@ -265,15 +265,14 @@ def seeded_runs(generator, tokenizer):
     return first, again, other, tail
 
 
-def check_seeded(first, again, other, tail):
+def check_seeded(first, again, other):
     assert again == first  # the same draws whatever ran between
     assert other != first  # another seed, other draws
-    assert tail == first[6:]  # prompt i's answers follow seed + i * n alone, not its neighbours in the call
     assert all(len({tuple(a) for a in per_prompt}) > 1 for per_prompt in first)  # a prompt's answers differ
 
 
 @pytest.mark.vllm
-def test_seeded_vllm_sampling_repeats_per_request_whatever_ran_before(tiny_qwen2, qwen_tokenizer):
+def test_a_seeded_vllm_call_repeats_whatever_ran_before_and_puts_the_stream_back(tiny_qwen2, qwen_tokenizer):
     generator = make_generator(
         GenerationConfig(backend="vllm", max_model_len=256, kv_cache_gib=1),
         tiny_qwen2,
@@ -281,11 +280,19 @@ def test_seeded_vllm_sampling_repeats_per_request_whatever_ran_before(tiny_qwen2
         "float32",
     )
     try:
-        check_seeded(*seeded_runs(generator, qwen_tokenizer))
+        first, again, other, _ = seeded_runs(generator, qwen_tokenizer)
+        check_seeded(first, again, other)
+        state = torch.get_rng_state()
+        generator.generate([[1, 2, 3]], 2, SamplingConfig(temperature=1.0, max_new_tokens=4, seed=3))
+        assert torch.equal(
+            torch.get_rng_state(), state
+        )  # training's stream goes on as if nothing was sampled
     finally:
         generator.close()
 
 
 def test_seeded_transformers_sampling_repeats_per_prompt_whatever_ran_before(tiny_qwen2, qwen_tokenizer):
     generator = TransformersGenerator(GenerationConfig(), tiny_qwen2, qwen_tokenizer, "float32")
-    check_seeded(*seeded_runs(generator, qwen_tokenizer))
+    first, again, other, tail = seeded_runs(generator, qwen_tokenizer)
+    check_seeded(first, again, other)
+    assert tail == first[6:]  # prompt i's answers follow seed + i * n alone, not its neighbours in the call
