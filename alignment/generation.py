@@ -442,9 +442,19 @@ class VLLMServerGenerator:
         # One request per prompt, sent together: the server batches them.
         with ThreadPoolExecutor(max_workers=min(32, max(1, len(prompt_ids)))) as pool:
             seeds = [None if sampling.seed is None else sampling.seed + i * n for i in range(len(prompt_ids))]
-            replies = list(
-                pool.map(lambda p, seed: self._completions(p, n, sampling, seed, **extra), prompt_ids, seeds)
-            )
+            try:
+                replies = list(
+                    pool.map(
+                        lambda p, seed: self._completions(p, n, sampling, seed, **extra), prompt_ids, seeds
+                    )
+                )
+            except RuntimeError as e:
+                if sampling.seed is None:
+                    raise
+                raise RuntimeError(
+                    f"{e}\n(a seeded call: a vLLM server on vLLM's CPU build fails on per-request seeds once a "
+                    "prompt is prefilled in chunks; sample unseeded there, e.g. eval.seed=null)"
+                ) from None
         out = []
         for reply in replies:
             choices = sorted(reply["choices"], key=lambda c: c["index"])

@@ -296,3 +296,61 @@ def test_seeded_transformers_sampling_repeats_per_prompt_whatever_ran_before(tin
     first, again, other, tail = seeded_runs(generator, qwen_tokenizer)
     check_seeded(first, again, other)
     assert tail == first[6:]  # prompt i's answers follow seed + i * n alone, not its neighbours in the call
+
+
+def test_a_seeded_call_to_a_vllm_server_seeds_each_request_and_names_the_cpu_builds_limit(qwen_tokenizer):
+    """A fake server: it records each /v1/completions body and fails the request whose seed is 13."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from alignment.generation import VLLMServerGenerator
+
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, code, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.reply(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            if body.get("seed") == 13:
+                return self.reply(500, {"error": "RuntimeError: CPU Generator does not use offset"})
+            choices = [
+                {"index": j, "text": "hi", "token_ids": [5], "finish_reason": "stop"}
+                for j in range(body["n"])
+            ]
+            self.reply(200, {"choices": choices})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = GenerationConfig(
+            backend="vllm_server",
+            server_url=f"http://127.0.0.1:{server.server_port}",
+            weights_dir="/nonexistent",
+        )
+        gen = VLLMServerGenerator(cfg, qwen_tokenizer)
+        out = gen.generate([[1], [2], [3]], 2, SamplingConfig(seed=5))
+        assert [len(a) for a in out] == [2, 2, 2]
+        assert sorted((b["prompt"][0], b["seed"]) for b in bodies) == [(1, 5), (2, 7), (3, 9)]  # seed + i * n
+        bodies.clear()
+        gen.generate([[1]], 2, SamplingConfig())
+        assert "seed" not in bodies[0]  # unseeded: the server's own stream
+        with pytest.raises(RuntimeError, match=r"HTTP 500(.|\n)*a seeded call(.|\n)*eval.seed=null"):
+            gen.generate(
+                [[1], [2], [3], [4], [5]], 2, SamplingConfig(seed=5)
+            )  # the 5th prompt: 5 + 4 x 2 = 13
+    finally:
+        server.shutdown()
