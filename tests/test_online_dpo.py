@@ -362,3 +362,29 @@ def test_step_pairs_join_the_step_and_are_logged(tmp_path, monkeypatch):
     plain = run(tmp_path, "plain", *args[:-1])
     assert [x["loss"] for x in read_metrics(plain) if "loss" in x] != [x["loss"] for x in m]
     assert "step_pairs" not in json.loads(open(plain / "samples.jsonl").readline())["rows"][0]
+
+
+def test_the_end_is_compared_with_the_saved_start_and_other_prompts_are_not(tmp_path, capsys):
+    from alignment.online_dpo import compare_to_start, describe_change
+
+    rows = [
+        {"prompt": "a", "greedy_right": False, "reward": 1.0},
+        {"prompt": "b", "greedy_right": True, "reward": 2.0},
+    ]
+    assert compare_to_start(str(tmp_path), rows) == ({}, {})  # no start saved: nothing to compare
+    figures = {"eval/math_accuracy": 0.5, "eval/mean_reward": 1.5}
+    (tmp_path / "eval_start.json").write_text(json.dumps({"figures": figures, "rows": rows}))
+    end = [
+        {"prompt": "a", "greedy_right": True, "reward": 3.0},
+        {"prompt": "b", "greedy_right": True, "reward": 2.0},
+    ]
+    start, change = compare_to_start(str(tmp_path), end)
+    assert start == figures
+    assert (change["eval/change/math_turned_right"], change["eval/change/mean_reward_change"]) == (1, 1.0)
+    text = describe_change(start, {"eval/math_accuracy": 1.0, "eval/mean_reward": 2.5}, change)
+    assert "greedy math 0.500 -> 1.000: 1 answers turned right, 0 wrong" in text
+    assert "fresh-sample reward 1.500 -> 2.500: per prompt +1.000" in text
+    other = [{"prompt": "z", "greedy_right": True, "reward": 3.0}, end[1]]
+    assert compare_to_start(str(tmp_path), other) == ({}, {})
+    err = capsys.readouterr().err
+    assert "not compared with" in err and "prompt 1 differs" in err
