@@ -56,10 +56,11 @@ def greedy_answers(generator: Generator, tokenizer, examples, max_new_tokens: in
     return [a[0] for a in sample(generator, tokenizer, examples, 1, greedy)]
 
 
-def math_accuracy(generator: Generator, tokenizer, examples, max_new_tokens: int) -> tuple[float, list]:
-    """Greedy accuracy and the answers (one per prompt)."""
+def math_accuracy(generator: Generator, tokenizer, examples, max_new_tokens: int) -> tuple[float, list[bool]]:
+    """Greedy accuracy and each greedy answer's verdict (one per prompt)."""
     answers = greedy_answers(generator, tokenizer, examples, max_new_tokens)
-    return math_score([a.text for a in answers], examples), answers
+    correct = math_correct([a.text for a in answers], examples)
+    return sum(correct) / max(1, len(correct)), correct
 
 
 def right_arithmetic_answers(

@@ -552,9 +552,8 @@ class TransformersGenerator:
                   "answers that do not parse are the caller's to drop and count", flush=True)  # fmt: skip
             self.warned_schema = True
         out = []
-        for i, prompt in enumerate(
-            prompt_ids
-        ):  # one prompt at a time: no padding inside a prompt's n answers
+        # One prompt at a time: no padding inside a prompt's n answers.
+        for i, prompt in enumerate(prompt_ids):
             ids = torch.tensor([list(prompt)] * n)
             greedy = sampling.temperature == 0
             if sampling.seed is None:

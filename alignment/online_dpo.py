@@ -60,11 +60,10 @@ from alignment.evaluation import (
     answer_sequence,
     answer_sequences,
     general_text_nll,
-    greedy_answers,
     held_out_change,
     kl_to_reference,
     load_prompts,
-    math_correct,
+    math_accuracy,
     mean_reward,
     reward_components,
 )
@@ -115,9 +114,9 @@ class OnlineEvalConfig:
     max_new_tokens: int = 256
     # Fresh samples per prompt (at the training sampling settings) scored by the composed reward.
     reward_samples: int = 1
-    # Per-request seeds of those samples, the same at every evaluation: the start's and the end's answers draw
-    # the same random numbers and differ only where the model changed (common random numbers), so a prompt's
-    # change of reward is the model's, not the dice's. null: the engine's running stream.
+    # The seed of those samples (sampling.seed: a seeded call), the same at every evaluation: the start's and the
+    # end's answers draw from the same random stream, and training's stream is left where it was. null: the
+    # engine's running stream (needed with a vLLM server on vLLM's CPU build).
     seed: int | None = 0
     # KL to the start model over the fresh samples of the first N prompts (two full forwards per answer).
     kl_prompts: int = 48
@@ -244,9 +243,9 @@ def evaluate(
         examples = load_prompts(ec.prompts, ec.max_prompts)
         rows = [{"prompt": ex.prompt, "greedy_right": None, "reward": None} for ex in examples]
         if all("answer" in ex.columns for ex in examples):
-            greedy = greedy_answers(generator, tokenizer, examples, ec.max_new_tokens)
-            right = math_correct([a.text for a in greedy], examples)
-            out["eval/math_accuracy"] = sum(right) / max(1, len(right))
+            out["eval/math_accuracy"], right = math_accuracy(
+                generator, tokenizer, examples, ec.max_new_tokens
+            )
             for row, ok in zip(rows, right):
                 row["greedy_right"] = ok
         if ec.reward_samples:

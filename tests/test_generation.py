@@ -284,9 +284,8 @@ def test_a_seeded_vllm_call_repeats_whatever_ran_before_and_puts_the_stream_back
         check_seeded(first, again, other)
         state = torch.get_rng_state()
         generator.generate([[1, 2, 3]], 2, SamplingConfig(temperature=1.0, max_new_tokens=4, seed=3))
-        assert torch.equal(
-            torch.get_rng_state(), state
-        )  # training's stream goes on as if nothing was sampled
+        # Training's stream goes on as if nothing was sampled.
+        assert torch.equal(torch.get_rng_state(), state)
     finally:
         generator.close()
 
