@@ -6,7 +6,7 @@
 - ``win_rate``: how often a reward model prefers one model's answers to another's (``judged_scores`` scores
   them, ``win_outcomes`` gives the verdict per prompt).
 - ``mean_reward``: fresh samples at the training temperature, scored by a composed reward (the online recipe's);
-  ``held_out_change`` compares two evaluations of the same prompts, prompt by prompt, with a test of each move.
+  ``alignment.report.held_out_change`` compares two evaluations of the same prompts, prompt by prompt, with a test of each move.
 - ``kl_to_reference``: the mean of sum_t log pi(y_t) - log pi_ref(y_t) over sampled answers y ~ pi, a
   Monte-Carlo estimate of KL(pi || pi_ref) per answer.
 - ``general_text_nll``: token-level NLL of held-out general English that ships with Python
@@ -142,49 +142,6 @@ def _per_prompt_means(values: list, answers: list[list]) -> list[float | None]:
         mine = [v for v in values[i : i + len(a)] if v is not None]
         out.append(sum(mine) / len(mine) if mine else None)
         i += len(a)
-    return out
-
-
-def held_out_change(before: list[dict], after: list[dict]) -> dict[str, float]:
-    """Two evaluations of the same held-out prompts, prompt by prompt (rows ``{"prompt", "greedy_right",
-    "reward"}`` in the same order; None where a prompt was not judged):
-
-    - greedy math: answers turned right and turned wrong, with the exact sign test of the two counts;
-    - fresh samples: each prompt's mean reward after minus before, their mean with its standard error, the
-      prompts whose mean rose and fell, and the sign-flip permutation test of the mean change
-      (``alignment.stats.paired_difference``): ``mean_reward_*`` for the composed reward (``reward``), and
-      ``reward/<label>_*`` for each component the rows carry (``reward/<label>``).
-
-    Rows whose prompts differ are refused (ValueError naming the first): the comparison would be meaningless."""
-    from alignment.stats import paired_difference, sign_test
-
-    if len(before) != len(after):
-        raise ValueError(f"held_out_change: {len(before)} prompts before, {len(after)} after")
-    for i, (b, a) in enumerate(zip(before, after)):
-        if b["prompt"] != a["prompt"]:
-            raise ValueError(f"held_out_change: prompt {i + 1} differs between the two evaluations")
-    out: dict[str, float] = {}
-    moved = [
-        (b["greedy_right"], a["greedy_right"])
-        for b, a in zip(before, after)
-        if b.get("greedy_right") is not None and a.get("greedy_right") is not None
-    ]
-    if moved:
-        up = sum(1 for b, a in moved if a and not b)
-        down = sum(1 for b, a in moved if b and not a)
-        out |= {"math_turned_right": up, "math_turned_wrong": down, "math_p": sign_test(up, down)}
-    keys = [k for k in before[0] if k == "reward" or k.startswith("reward/")] if before else []
-    for key in keys:
-        diffs = [
-            a[key] - b[key]
-            for b, a in zip(before, after)
-            if b.get(key) is not None and a.get(key) is not None
-        ]
-        if diffs:
-            d = paired_difference(diffs)
-            name = "mean_reward" if key == "reward" else key
-            out |= {f"{name}_change": d.mean, f"{name}_change_se": d.se, f"{name}_p": d.p,
-                    f"{name}_prompts_up": d.up, f"{name}_prompts_down": d.down}  # fmt: skip
     return out
 
 

@@ -60,7 +60,6 @@ from alignment.evaluation import (
     answer_sequence,
     answer_sequences,
     general_text_nll,
-    held_out_change,
     kl_to_reference,
     load_prompts,
     math_accuracy,
@@ -80,6 +79,7 @@ from alignment.preference import (
     preference_step,
     reduce_metrics,
 )
+from alignment.report import describe_change, held_out_change
 from alignment.step_pairs import step_pairs
 from alignment.tracking import make_tracker
 from alignment.training import (
@@ -292,38 +292,6 @@ def compare_to_start(output_dir: str, end_rows: list[dict]) -> tuple[dict[str, f
     except ValueError as e:
         print(f"[eval] not compared with {path}: {e}", file=sys.stderr)
         return {}, {}
-
-
-def describe_change(start: dict[str, float], end: dict[str, float], change: dict[str, float]) -> str:
-    """What a reader can judge, one line per figure: before and after, the move and the test of it."""
-    nan = float("nan")
-    lines = []
-    if "eval/change/math_turned_right" in change:
-        lines.append(
-            f"greedy math {start.get('eval/math_accuracy', nan):.3f} -> {end.get('eval/math_accuracy', nan):.3f}: "
-            f"{change['eval/change/math_turned_right']:.0f} answers turned right, "
-            f"{change['eval/change/math_turned_wrong']:.0f} wrong (sign test p = {change['eval/change/math_p']:.2g})"
-        )
-    names = ["mean_reward"] + [
-        k.removeprefix("eval/change/").removesuffix("_change")
-        for k in change
-        if k.startswith("eval/change/reward/") and k.endswith("_change")
-    ]
-    for name in names:
-        c = {
-            part: change.get(f"eval/change/{name}_{part}")
-            for part in ("change", "change_se", "p", "prompts_up", "prompts_down")
-        }
-        if c["change"] is None:
-            continue
-        figure = "eval/mean_reward" if name == "mean_reward" else f"eval/{name}"
-        label = "fresh-sample reward" if name == "mean_reward" else f"  of it, {name.removeprefix('reward/')}"
-        lines.append(
-            f"{label} {start.get(figure, nan):.3f} -> {end.get(figure, nan):.3f}: per prompt {c['change']:+.3f} "
-            f"+- {c['change_se']:.3f}, {c['prompts_up']:.0f} prompts up, {c['prompts_down']:.0f} down "
-            f"(permutation test p = {c['p']:.2g})"
-        )
-    return "\n".join(f"[eval] start -> end: {line}" for line in lines)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m alignment.report outputs/chain          (the chain writes it at its end)
     python -m alignment.report compare A/eval.json B/eval.json   (two evaluations, prompt by prompt)
+    python -m alignment.report compare outputs/online_dpo/eval_start.json outputs/online_dpo/eval_end.json
 
 It reads files only, from each folder of the run (the start model's evaluation is the folder ``start``):
 ``stage.json`` / ``eval.stage.json`` (status and wall time), ``metrics.jsonl`` (training curves: loss,
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from alignment.stats import sign_test
+from alignment.stats import paired_difference, sign_test
 
 # Training curves, in this order, for every stage that logged them.
 CURVES = (
@@ -247,8 +248,17 @@ def flips_section(run: Path, stages: list[str]) -> list[str]:
 
 
 def compare(before: str | Path, after: str | Path) -> list[str]:
-    """Two evaluations of the same prompts (each an ``eval.json`` or its answers file), prompt by prompt: the
-    math answers turned right and wrong, and the judge's verdicts risen and fallen, each with its sign test."""
+    """Two evaluations of the same prompts, prompt by prompt. Each is an ``eval.json`` or its answers file: the
+    math answers turned right and wrong, and the judge's verdicts risen and fallen, each with its sign test. Or
+    each is online DPO's ``eval_start.json`` / ``eval_end.json``: ``held_out_change`` of their rows, as the run
+    printed it at its end."""
+    saved = [read_json(Path(p)) if Path(p).suffix == ".json" else None for p in (before, after)]
+    if all(isinstance(x, dict) and "rows" in x for x in saved):
+        change = {
+            f"eval/change/{k}": v for k, v in held_out_change(saved[0]["rows"], saved[1]["rows"]).items()
+        }
+        text = describe_change(saved[0].get("figures", {}), saved[1].get("figures", {}), change, prefix="")
+        return text.splitlines() or ["no prompt was judged in both"]
     rows = [read_answers(answers_beside(Path(p))) for p in (before, after)]
     for p, r in zip((before, after), rows):
         if not r:
@@ -267,6 +277,86 @@ def compare(before: str | Path, after: str | Path) -> list[str]:
             f"win rate {fmt(v['before'])} -> {fmt(v['after'])}, sign test p = {v['p']:.2g}"
         )
     return lines or ["no prompt has a verdict in both (math `correct` or the judge's `win`)"]
+
+
+def held_out_change(before: list[dict], after: list[dict]) -> dict[str, float]:
+    """Two evaluations of the same held-out prompts, prompt by prompt (rows ``{"prompt", "greedy_right",
+    "reward"}`` in the same order; None where a prompt was not judged):
+
+    - greedy math: answers turned right and turned wrong, with the exact sign test of the two counts;
+    - fresh samples: each prompt's mean reward after minus before, their mean with its standard error, the
+      prompts whose mean rose and fell, and the sign-flip permutation test of the mean change
+      (``alignment.stats.paired_difference``): ``mean_reward_*`` for the composed reward (``reward``), and
+      ``reward/<label>_*`` for each component the rows carry (``reward/<label>``).
+
+    Rows whose prompts differ are refused (ValueError naming the first): the comparison would be meaningless."""
+    if len(before) != len(after):
+        raise ValueError(f"held_out_change: {len(before)} prompts before, {len(after)} after")
+    for i, (b, a) in enumerate(zip(before, after)):
+        if b["prompt"] != a["prompt"]:
+            raise ValueError(f"held_out_change: prompt {i + 1} differs between the two evaluations")
+    out: dict[str, float] = {}
+    moved = [
+        (b["greedy_right"], a["greedy_right"])
+        for b, a in zip(before, after)
+        if b.get("greedy_right") is not None and a.get("greedy_right") is not None
+    ]
+    if moved:
+        up = sum(1 for b, a in moved if a and not b)
+        down = sum(1 for b, a in moved if b and not a)
+        out |= {"math_turned_right": up, "math_turned_wrong": down, "math_p": sign_test(up, down)}
+    keys = [k for k in before[0] if k == "reward" or k.startswith("reward/")] if before else []
+    for key in keys:
+        diffs = [
+            a[key] - b[key]
+            for b, a in zip(before, after)
+            if b.get(key) is not None and a.get(key) is not None
+        ]
+        if diffs:
+            d = paired_difference(diffs)
+            name = "mean_reward" if key == "reward" else key
+            out |= {f"{name}_change": d.mean, f"{name}_change_se": d.se, f"{name}_p": d.p,
+                    f"{name}_prompts_up": d.up, f"{name}_prompts_down": d.down}  # fmt: skip
+    return out
+
+
+def describe_change(
+    start: dict[str, float],
+    end: dict[str, float],
+    change: dict[str, float],
+    prefix: str = "[eval] start -> end: ",
+) -> str:
+    """What a reader can judge of ``held_out_change`` (its keys under ``eval/change/``), one line per figure:
+    before and after (the figures ``eval/math_accuracy``, ``eval/mean_reward``, ``eval/reward/<label>``), the
+    move and the test of it."""
+    nan = float("nan")
+    lines = []
+    if "eval/change/math_turned_right" in change:
+        lines.append(
+            f"greedy math {start.get('eval/math_accuracy', nan):.3f} -> {end.get('eval/math_accuracy', nan):.3f}: "
+            f"{change['eval/change/math_turned_right']:.0f} answers turned right, "
+            f"{change['eval/change/math_turned_wrong']:.0f} wrong (sign test p = {change['eval/change/math_p']:.2g})"
+        )
+    names = ["mean_reward"] + [
+        k.removeprefix("eval/change/").removesuffix("_change")
+        for k in change
+        if k.startswith("eval/change/reward/") and k.endswith("_change")
+    ]
+    for name in names:
+        c = {
+            part: change.get(f"eval/change/{name}_{part}")
+            for part in ("change", "change_se", "p", "prompts_up", "prompts_down")
+        }
+        if c["change"] is None:
+            continue
+        figure = "eval/mean_reward" if name == "mean_reward" else f"eval/{name}"
+        label = "fresh-sample reward" if name == "mean_reward" else f"  of it, {name.removeprefix('reward/')}"
+        lines.append(
+            f"{label} {start.get(figure, nan):.3f} -> {end.get(figure, nan):.3f}: per prompt {c['change']:+.3f} "
+            f"+- {c['change_se']:.3f}, {c['prompts_up']:.0f} prompts up, {c['prompts_down']:.0f} down "
+            f"(permutation test p = {c['p']:.2g})"
+        )
+    return "\n".join(f"{prefix}{line}" for line in lines)
 
 
 def _number(value: Any) -> float | None:
@@ -429,7 +519,8 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 USAGE = """usage: python -m alignment.report <run folder>                  (e.g. outputs/chain)
-       python -m alignment.report compare <before> <after>   (two eval.json of the same prompts)"""
+       python -m alignment.report compare <before> <after>   (two eval.json of the same prompts, or online
+                                                              DPO's eval_start.json and eval_end.json)"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -437,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) == 3 and argv[0] == "compare":
         try:
             print("\n".join(compare(argv[1], argv[2])))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     elif len(argv) == 1 and argv[0] not in ("-h", "--help"):

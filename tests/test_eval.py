@@ -22,7 +22,6 @@ from alignment.evaluation import (
     code_pass_at_1,
     fingerprint_weights,
     greedy_answers,
-    held_out_change,
     ifeval_accuracy,
     judged_scores,
     mean_reward,
@@ -234,39 +233,6 @@ def test_mean_reward_gives_each_components_per_prompt_mean_too(qwen_tokenizer):
     )
     assert per_prompt == {"reward": [2.0, 0.0], "reward/math": [1.0, 0.0], "reward/arithmetic": [1.0, 0.0]}
     assert components == {"math": 0.5, "arithmetic": 0.5}
-
-
-def test_held_out_change_counts_answers_turned_each_way_and_tests_the_reward_change():
-    before = [{"prompt": f"p{i}", "greedy_right": r, "reward": w}
-              for i, (r, w) in enumerate([(False, 1.0), (True, 2.0), (True, 0.0), (None, 5.0), (False, None)])]  # fmt: skip
-    after = [{"prompt": f"p{i}", "greedy_right": r, "reward": w}
-             for i, (r, w) in enumerate([(True, 2.0), (False, 4.0), (True, 3.0), (True, 5.0), (True, 9.0)])]  # fmt: skip
-    out = held_out_change(before, after)
-    # Greedy math over the 4 prompts judged both times: p0 and p4 turned right, p1 wrong, p2 stayed right, p3 was
-    # not judged before. Sign test of 2 against 1: 2 x (C(3,0) + C(3,1)) / 8 = 1.
-    assert (out["math_turned_right"], out["math_turned_wrong"], out["math_p"]) == (2, 1, 1.0)
-    # Reward over the 4 prompts scored both times: differences 1, 2, 3, 0; mean 1.5; s^2 = (0.25 + 0.25 + 2.25 +
-    # 2.25) / 3 = 5/3, se = sqrt(5/3 / 4). Of the 16 sign patterns of (1, 2, 3, 0), |sum| >= 6 only for the 4 with
-    # 1, 2, 3 of one sign (the 0's sign is free): p = 4/16.
-    assert out["mean_reward_change"] == 1.5
-    assert out["mean_reward_change_se"] == pytest.approx((5 / 3 / 4) ** 0.5)
-    assert out["mean_reward_p"] == 0.25
-    assert (out["mean_reward_prompts_up"], out["mean_reward_prompts_down"]) == (3, 0)
-    # A component the rows carry is compared the same way: differences -1 and +1, mean 0, p = 1.
-    for b, a, (x, y) in zip(before[:2], after[:2], [(1.0, 0.0), (0.0, 1.0)]):
-        b["reward/math"], a["reward/math"] = x, y
-    out = held_out_change(before, after)
-    assert (out["reward/math_change"], out["reward/math_p"], out["reward/math_prompts_up"]) == (0.0, 1.0, 1)
-
-
-def test_held_out_change_refuses_evaluations_of_other_prompts():
-    row = {"greedy_right": True, "reward": 1.0}
-    with pytest.raises(ValueError, match="prompt 2 differs"):
-        held_out_change(
-            [{"prompt": "a", **row}, {"prompt": "b", **row}], [{"prompt": "a", **row}, {"prompt": "c", **row}]
-        )
-    with pytest.raises(ValueError, match="2 prompts before, 1 after"):
-        held_out_change([{"prompt": "a", **row}] * 2, [{"prompt": "a", **row}])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -365,7 +365,8 @@ def test_step_pairs_join_the_step_and_are_logged(tmp_path, monkeypatch):
 
 
 def test_the_end_is_compared_with_the_saved_start_and_other_prompts_are_not(tmp_path, capsys):
-    from alignment.online_dpo import compare_to_start, describe_change
+    from alignment.online_dpo import compare_to_start
+    from alignment.report import describe_change
 
     rows = [
         {"prompt": "a", "greedy_right": False, "reward": 1.0},

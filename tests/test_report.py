@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from alignment.report import read_curves, write_report
+from alignment.report import held_out_change, read_curves, write_report
 from tests.conftest import REPO, write_jsonl
 
 EVALS = {
@@ -280,4 +280,65 @@ def test_compare_two_evaluations_prompt_by_prompt_from_the_command_line(tmp_path
     proc = run(tmp_path / "a" / "eval.json", tmp_path / "nope.json")
     assert proc.returncode == 2 and proc.stderr.strip().startswith(
         f"error: {tmp_path / 'nope.json'}: no answers"
+    )
+
+
+def test_held_out_change_counts_answers_turned_each_way_and_tests_the_reward_change():
+    before = [{"prompt": f"p{i}", "greedy_right": r, "reward": w}
+              for i, (r, w) in enumerate([(False, 1.0), (True, 2.0), (True, 0.0), (None, 5.0), (False, None)])]  # fmt: skip
+    after = [{"prompt": f"p{i}", "greedy_right": r, "reward": w}
+             for i, (r, w) in enumerate([(True, 2.0), (False, 4.0), (True, 3.0), (True, 5.0), (True, 9.0)])]  # fmt: skip
+    out = held_out_change(before, after)
+    # Greedy math over the 4 prompts judged both times: p0 and p4 turned right, p1 wrong, p2 stayed right, p3 was
+    # not judged before. Sign test of 2 against 1: 2 x (C(3,0) + C(3,1)) / 8 = 1.
+    assert (out["math_turned_right"], out["math_turned_wrong"], out["math_p"]) == (2, 1, 1.0)
+    # Reward over the 4 prompts scored both times: differences 1, 2, 3, 0; mean 1.5; s^2 = (0.25 + 0.25 + 2.25 +
+    # 2.25) / 3 = 5/3, se = sqrt(5/3 / 4). Of the 16 sign patterns of (1, 2, 3, 0), |sum| >= 6 only for the 4 with
+    # 1, 2, 3 of one sign (the 0's sign is free): p = 4/16.
+    assert out["mean_reward_change"] == 1.5
+    assert out["mean_reward_change_se"] == pytest.approx((5 / 3 / 4) ** 0.5)
+    assert out["mean_reward_p"] == 0.25
+    assert (out["mean_reward_prompts_up"], out["mean_reward_prompts_down"]) == (3, 0)
+    # A component the rows carry is compared the same way: differences -1 and +1, mean 0, p = 1.
+    for b, a, (x, y) in zip(before[:2], after[:2], [(1.0, 0.0), (0.0, 1.0)]):
+        b["reward/math"], a["reward/math"] = x, y
+    out = held_out_change(before, after)
+    assert (out["reward/math_change"], out["reward/math_p"], out["reward/math_prompts_up"]) == (0.0, 1.0, 1)
+
+
+def test_held_out_change_refuses_evaluations_of_other_prompts():
+    row = {"greedy_right": True, "reward": 1.0}
+    with pytest.raises(ValueError, match="prompt 2 differs"):
+        held_out_change(
+            [{"prompt": "a", **row}, {"prompt": "b", **row}], [{"prompt": "a", **row}, {"prompt": "c", **row}]
+        )
+    with pytest.raises(ValueError, match="2 prompts before, 1 after"):
+        held_out_change([{"prompt": "a", **row}] * 2, [{"prompt": "a", **row}])
+
+
+def test_compare_reads_online_dpos_start_and_end_evaluations(tmp_path):
+    """online DPO's eval_start.json / eval_end.json (figures + per-prompt rows): the command prints what the run
+    printed at its end. Three prompts: greedy p0 turned right (1 up, 0 down: p = 1); rewards 1, 2, 0 -> 2, 4, 0:
+    differences 1, 2, 0, mean 1, s^2 = (0 + 1 + 1) / 2 = 1, se = 1/sqrt(3) = 0.577; |sum| >= 3 for the 4 of 8 sign
+    patterns with 1 and 2 of one sign: p = 0.5. Evaluations of other prompts are a one-line error."""
+    rows = [{"prompt": f"p{i}", "greedy_right": r, "reward": w} for i, (r, w) in enumerate([(False, 1.0), (True, 2.0), (False, 0.0)])]  # fmt: skip
+    end = [dict(r, reward=w) for r, w in zip(rows, [2.0, 4.0, 0.0])]
+    end[0]["greedy_right"] = True
+    start_figures = {"eval/math_accuracy": 1 / 3, "eval/mean_reward": 1.0}
+    (tmp_path / "eval_start.json").write_text(json.dumps({"figures": start_figures, "rows": rows}))
+    end_figures = {"eval/math_accuracy": 2 / 3, "eval/mean_reward": 2.0}
+    (tmp_path / "eval_end.json").write_text(json.dumps({"figures": end_figures, "rows": end}))
+    proc = subprocess.run([sys.executable, "-m", "alignment.report", "compare", tmp_path / "eval_start.json",
+                           tmp_path / "eval_end.json"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "greedy math 0.333 -> 0.667: 1 answers turned right, 0 wrong (sign test p = 1)",
+        "fresh-sample reward 1.000 -> 2.000: per prompt +1.000 +- 0.577, 2 prompts up, 0 down (permutation test p = 0.5)",
+    ]
+    end[2]["prompt"] = "other"
+    (tmp_path / "eval_end.json").write_text(json.dumps({"figures": end_figures, "rows": end}))
+    proc = subprocess.run([sys.executable, "-m", "alignment.report", "compare", tmp_path / "eval_start.json",
+                           tmp_path / "eval_end.json"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: held_out_change: prompt 3 differs between the two evaluations"
     )
