@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -303,6 +304,21 @@ def test_two_steps_against_a_separate_vllm_server(tmp_path, tiny_qwen2):
         out = run(tmp_path, "server", "training.max_steps=2", "generation.backend=vllm_server",
                   f"generation.server_url=http://127.0.0.1:{port}", f"generation.weights_dir={tmp_path / 'push'}",
                   "eval.at_start=false", "eval.at_end=false")  # fmt: skip
+        # A seeded call on the live server (short prompts, so nothing is prefilled in chunks: the CPU build's
+        # limit): each request carries seed + i * n, so the same seed repeats the answers and another does not.
+        from alignment.generation import GenerationConfig, SamplingConfig, VLLMServerGenerator
+        from alignment.models import load_tokenizer
+
+        gen = VLLMServerGenerator(
+            GenerationConfig(backend="vllm_server", server_url=f"http://127.0.0.1:{port}",
+                             weights_dir=str(tmp_path / "push")), load_tokenizer(tiny_qwen2),
+        )  # fmt: skip
+        prompts, sampling = (
+            [[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+            SamplingConfig(temperature=1.0, max_new_tokens=8),
+        )
+        seeded = [[[c.token_ids for c in a] for a in gen.generate(prompts, 2, replace(sampling, seed=s))]
+                  for s in (3, 3, 4)]  # fmt: skip
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
@@ -312,6 +328,7 @@ def test_two_steps_against_a_separate_vllm_server(tmp_path, tiny_qwen2):
     # Step 2's sync check ran after step 1's push: the server samples from the trained weights.
     assert m[1]["sampling/logp_difference"] < 1e-3 and m[1]["time/weight_push"] > 0
     assert m[1]["logps/chosen"] != m[0]["logps/chosen"]
+    assert seeded[0] == seeded[1] and seeded[0] != seeded[2]
 
 
 class ScriptedSampler:
