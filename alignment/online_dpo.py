@@ -79,7 +79,7 @@ from alignment.preference import (
     preference_step,
     reduce_metrics,
 )
-from alignment.report import describe_change, held_out_change
+from alignment.report import describe_change, logged_change
 from alignment.step_pairs import step_pairs
 from alignment.tracking import make_tracker
 from alignment.training import (
@@ -285,8 +285,7 @@ def compare_to_start(output_dir: str, end_rows: list[dict]) -> tuple[dict[str, f
     try:
         with open(path) as f:
             saved = json.load(f)
-        change = held_out_change(saved["rows"], end_rows)
-        return saved["figures"], {f"eval/change/{k}": v for k, v in change.items()}
+        return saved["figures"], logged_change(saved["rows"], end_rows)
     except FileNotFoundError:
         return {}, {}
     except ValueError as e:

@@ -254,9 +254,7 @@ def compare(before: str | Path, after: str | Path) -> list[str]:
     printed it at its end."""
     saved = [read_json(Path(p)) if Path(p).suffix == ".json" else None for p in (before, after)]
     if all(isinstance(x, dict) and "rows" in x for x in saved):
-        change = {
-            f"eval/change/{k}": v for k, v in held_out_change(saved[0]["rows"], saved[1]["rows"]).items()
-        }
+        change = logged_change(saved[0]["rows"], saved[1]["rows"])
         text = describe_change(saved[0].get("figures", {}), saved[1].get("figures", {}), change, prefix="")
         return text.splitlines() or ["no prompt was judged in both"]
     rows = [read_answers(answers_beside(Path(p))) for p in (before, after)]
@@ -318,6 +316,11 @@ def held_out_change(before: list[dict], after: list[dict]) -> dict[str, float]:
             out |= {f"{name}_change": d.mean, f"{name}_change_se": d.se, f"{name}_p": d.p,
                     f"{name}_prompts_up": d.up, f"{name}_prompts_down": d.down}  # fmt: skip
     return out
+
+
+def logged_change(before: list[dict], after: list[dict]) -> dict[str, float]:
+    """``held_out_change`` under the names online DPO logs, ``eval/change/<key>``, which ``describe_change`` reads."""
+    return {f"eval/change/{k}": v for k, v in held_out_change(before, after).items()}
 
 
 def describe_change(
