@@ -25,13 +25,19 @@ Steps and their exact rules (drop reasons in brackets; every drop is counted in 
    is dropped. Cases: the JSON list (or the ``cases`` key) of each case answer; an answer with none
    [cases_unparsable]; a case without a string ``response`` and a boolean ``expected`` ("true"/"false"
    strings are read as booleans; ``input``/``output`` are read as well) [case_malformed]; a repeat
-   [duplicate_case]. A constraint left with no function [no_functions] or no case [no_cases] is dropped.
+   [duplicate_case]. A constraint left with no function [no_functions] or no case [no_cases] is dropped,
+   and so is one with fewer than ``min_parsed_functions`` distinct functions [too_few_parsed_functions] or
+   ``min_parsed_cases`` distinct cases [too_few_parsed_cases] (AutoIF's code: 3 and 10).
 4. ``cross_validate``: every function runs on every case in the sandbox (one job per case, all functions in
    it, each under ``per_function_timeout_s``). A function *agrees* with a case when it returns exactly the
-   case's ``expected`` (raising, timing out or returning a non-bool disagrees). Functions that agree with
-   fewer than ``min_case_accuracy`` of the cases are dropped [function_inaccurate]; then cases that a strict
-   majority of the kept functions disagree with [case_disputed]. A constraint keeps its functions when at
-   least ``min_functions`` survive, else it is dropped [too_few_functions].
+   case's ``expected`` (raising, timing out or returning a non-bool disagrees). With ``cross_validation:
+   autoif`` (the default; AutoIF's released ``code/3_cross_validation.py``) a case that no function agrees
+   with is dropped first [case_unconfirmed]; with ``all_cases`` every case stays. Functions that agree with
+   fewer than ``min_case_accuracy`` of the cases left are dropped [function_inaccurate]; then cases that a
+   strict majority of the kept functions disagree with [case_disputed]. A constraint keeps its functions
+   when at least ``min_functions`` survive, else it is dropped [too_few_functions]. The minimum counts of
+   step 3 are what keeps ``autoif`` from being empty: with one function, the cases it confirms are its own
+   verdicts, and it agrees with all of them.
 5. ``pair_queries``: each kept constraint is joined with ``queries_per_constraint`` queries (0: all), drawn
    by a shuffle seeded by ``seed`` and the constraint's id: one row per (query, constraint), with the id
    ``<constraint id>|<query id>``.
@@ -62,8 +68,11 @@ Writes into ``out_dir``:
   response) and ``cases_following_reference`` (responses the reference accepts: cases that all break the
   constraint cannot tell a right function from ``return False``), ``functions`` (parsed),
   ``functions_run`` (cross-validated), ``functions_matching_reference`` (the reference's verdict on every
-  case response the sandbox ran), ``functions_kept`` and ``kept_matching_reference``. It measures the model that wrote them (how often its cases are labelled right,
-  how often its functions are right where the cases can tell); it never keeps or drops anything. 19 of the 31
+  case response the sandbox ran), ``functions_kept`` and ``kept_matching_reference``; and of what was
+  written, ``demos`` and ``demos_following_reference`` (demonstrations the reference accepts), ``pairs`` and
+  ``pairs_ordered_by_reference`` (pairs whose chosen answer it accepts and whose rejected one it refuses).
+  It measures the model that wrote them (how often its cases are labelled right, how often its functions
+  are right where the cases can tell, how often the data is); it never keeps or drops anything. 19 of the 31
   shipped constraints have a reference (the others have no ifeval checker that means the same).
 
 Deliberate simplifications:
@@ -72,14 +81,14 @@ Deliberate simplifications:
   here are written to fit any query.
 - Cases and functions come from the same model: a constraint it misreads the same way in both survives.
   Cases only validate the functions; the answers are judged by the functions alone.
-- A 135M model (``smollm2-135m-instruct``) cannot write these functions: in a dry run on 5 constraints 12 of
-  20 function answers did not parse or define ``evaluate``, the other 8 compared the response with fixed
-  strings and failed cross-validation, and the cases copied the prompt's example; every constraint was
-  dropped. The audit says why no function can pass: the model labels its own cases no better than a coin
-  (README, "Data synthesis"), so even a right function agrees with about half of them. The filters carry the
-  quality, and they let nothing through here; point ``backend.model`` (or ``backend.kind: openai`` +
-  ``backend.url``) at a larger model for real data, and read ``audit.jsonl`` to see how right its cases and
-  functions are.
+- A 135M model (``smollm2-135m-instruct``) cannot write these functions, nor the cases that would confirm
+  them: at the recipe's 4 function and 2 case answers no constraint reaches cross-validation (most answers
+  define no ``evaluate``, most case objects repeat), and the audit says why sampling more does not help: the
+  model labels its own cases no better than a coin, so the cases cannot tell a right function from a wrong
+  one (README, "Data synthesis": at 12 and 8 answers, half the functions AutoIF's rule keeps are wrong, and
+  no answer passes them). The filters carry the quality, and they let nothing through here; point
+  ``backend.model`` (or ``backend.kind: openai`` + ``backend.url``) at a larger model for real data, and read
+  ``audit.jsonl`` to see how right its cases, functions and written rows are.
 """
 
 from __future__ import annotations
@@ -176,8 +185,15 @@ class Config(SynthesisConfig):
     )
     # Ask the engine to hold case answers to CASES_SCHEMA (vLLM and endpoints do; transformers cannot).
     cases_json_schema: bool = True
-    # Cross-validation: a function is kept when it agrees with at least this share of the cases.
+    # Cross-validation. `autoif`: AutoIF's released rule (QwenLM/AutoIF, code/3_cross_validation.py): a
+    # case that no function agrees with is dropped first, then a function is kept when it agrees with at
+    # least `min_case_accuracy` of the cases left. `all_cases`: the share is taken over every case.
+    cross_validation: str = "autoif"
     min_case_accuracy: float = 0.8
+    # A constraint needs at least this many distinct parsed functions and cases to be cross-validated at all
+    # (AutoIF's code: 3 and 10): with one function, "cases some function agrees with" are its own verdicts.
+    min_parsed_functions: int = 3
+    min_parsed_cases: int = 10
     # A constraint is kept when at least this many functions survive.
     min_functions: int = 1
     # Answer scores (share of kept functions returning True): >= accept is accepted, <= reject is rejected.
@@ -204,6 +220,16 @@ class Config(SynthesisConfig):
             raise ValueError("num_functions, num_case_sets and num_answers must be >= 1")
         if not 1 <= self.min_functions <= self.num_functions:
             raise ValueError(f"min_functions must be in [1, num_functions], got {self.min_functions}")
+        if self.cross_validation not in ("autoif", "all_cases"):
+            raise ValueError(
+                f"cross_validation must be 'autoif' or 'all_cases', got {self.cross_validation!r}"
+            )
+        if not 1 <= self.min_parsed_functions <= self.num_functions:
+            raise ValueError(
+                f"min_parsed_functions must be in [1, num_functions], got {self.min_parsed_functions}"
+            )
+        if self.min_parsed_cases < 1:
+            raise ValueError(f"min_parsed_cases must be >= 1, got {self.min_parsed_cases}")
         if not 0.0 <= self.min_case_accuracy <= 1.0:
             raise ValueError(f"min_case_accuracy must be in [0, 1], got {self.min_case_accuracy}")
         if not 0.0 <= self.reject < self.accept <= 1.0:
@@ -348,6 +374,12 @@ class Parse(Step):
                 ctx.drop(r, "no_functions", "no answer defines evaluate")
             elif not cases:
                 ctx.drop(r, "no_cases", "no usable test case")
+            elif len(functions) < self.cfg.min_parsed_functions:
+                ctx.drop(r, "too_few_parsed_functions",
+                         f"{len(functions)} distinct function(s), min_parsed_functions {self.cfg.min_parsed_functions}")  # fmt: skip
+            elif len(cases) < self.cfg.min_parsed_cases:
+                ctx.drop(r, "too_few_parsed_cases",
+                         f"{len(cases)} distinct case(s), min_parsed_cases {self.cfg.min_parsed_cases}")  # fmt: skip
             else:
                 kept.append(r)
         return kept
@@ -407,7 +439,13 @@ class CrossValidate(Step):
         agree = [
             [verdicts[i][j] is cases[j]["expected"] for j in range(len(cases))] for i in range(len(functions))
         ]
-        accuracy = [sum(agree[i][j] for j in usable) / len(usable) for i in range(len(functions))]
+        scored = usable
+        if cfg.cross_validation == "autoif":  # cases no function agrees with go first
+            scored = [j for j in usable if any(agree[i][j] for i in range(len(functions)))]
+            for j in usable:
+                if j not in scored:
+                    drop_item(ctx, r, "case", j, cases[j], "case_unconfirmed", "no function agrees with it")
+        accuracy = [sum(agree[i][j] for j in scored) / max(len(scored), 1) for i in range(len(functions))]
         kept = [i for i in range(len(functions)) if accuracy[i] >= cfg.min_case_accuracy]
         if r.data["audit"] is not None:  # measures only: nothing below reads it
             reference = r.data["audit"]["reference"]
@@ -418,7 +456,7 @@ class CrossValidate(Step):
                             "kept_matching_reference": len(set(matching) & set(kept))}, self.name)  # fmt: skip
         for i in range(len(functions)):
             if i not in kept:
-                detail = f"agrees with {accuracy[i]:.2f} of {len(usable)} cases"
+                detail = f"agrees with {accuracy[i]:.2f} of {len(scored)} cases"
                 drop_item(ctx, r, "function", i, functions[i], "function_inaccurate", detail)
         if len(kept) < cfg.min_functions:
             ctx.drop(
@@ -426,7 +464,7 @@ class CrossValidate(Step):
             )
             return False
         kept_cases = []
-        for j in usable:
+        for j in scored:
             against = sum(not agree[i][j] for i in kept)
             if 2 * against > len(kept):
                 drop_item(
@@ -440,7 +478,8 @@ class CrossValidate(Step):
                 )
             else:
                 kept_cases.append(cases[j])
-        made_by = {"min_case_accuracy": cfg.min_case_accuracy, "min_functions": cfg.min_functions}
+        made_by = {"cross_validation": cfg.cross_validation, "min_case_accuracy": cfg.min_case_accuracy,
+                   "min_functions": cfg.min_functions}  # fmt: skip
         r.set("verifiers", [functions[i] for i in kept], self.name, **made_by)
         r.set("kept_cases", kept_cases, self.name, **made_by)
         r.set("function_accuracy", [accuracy[i] for i in kept], self.name, **made_by)
@@ -611,13 +650,17 @@ def kept_constraints(result: Result) -> list[dict[str, Any]]:
 
 
 AUDIT_COUNTS = ("cases", "cases_labelled_right", "cases_following_reference", "functions", "functions_run",
-                "functions_matching_reference", "functions_kept", "kept_matching_reference")  # fmt: skip
+                "functions_matching_reference", "functions_kept", "kept_matching_reference", "demos",
+                "demos_following_reference", "pairs", "pairs_ordered_by_reference")  # fmt: skip
+WRITTEN_COUNTS = ("demos", "demos_following_reference", "pairs", "pairs_ordered_by_reference")
 
 
 def audit_rows(result: Result) -> list[dict[str, Any]]:
     """One row per audited constraint (its input row had a reference), from wherever it ended, kept or
-    dropped: how many of the model's cases the reference labels the same way, and how many functions give the
-    reference's verdict on every case response the sandbox ran (of all, and of those cross-validation kept)."""
+    dropped: how many of the model's cases the reference labels the same way, how many functions give the
+    reference's verdict on every case response the sandbox ran (of all, and of those cross-validation kept),
+    and of what was written (``demos``, ``pairs``) how much the reference agrees with: demonstrations it
+    accepts, pairs whose chosen answer it accepts and whose rejected answer it refuses."""
     seen: dict[str, dict[str, Any]] = {}
     for r in [*result.records, *(d.record for d in result.dropped if not d.item)]:
         audit = r.data.get("audit")
@@ -625,6 +668,20 @@ def audit_rows(result: Result) -> list[dict[str, Any]]:
         if audit is None or cid in seen:
             continue
         seen[cid] = {"constraint_id": cid, "instruction": r.data["instruction"], **audit}
+        seen[cid].update(dict.fromkeys(WRITTEN_COUNTS, 0))
+    for r in result.records:  # the written rows: one per (query, constraint) kept
+        if r.data.get("audit") is None:
+            continue
+        reference, row = r.data["audit"]["reference"], seen[r.data["constraint_id"]]
+        for d in r.data["demos"]:
+            row["demos"] += 1
+            row["demos_following_reference"] += reference_verdict(reference, d["text"])
+        for p in r.data["pairs"]:
+            row["pairs"] += 1
+            ordered = reference_verdict(reference, p["chosen"]) and not reference_verdict(
+                reference, p["rejected"]
+            )
+            row["pairs_ordered_by_reference"] += ordered
     return sorted(seen.values(), key=lambda row: row["constraint_id"])
 
 
@@ -635,7 +692,9 @@ def audit_summary(rows: list[dict[str, Any]]) -> str:
             f"({t['cases_following_reference']} of the case responses follow the reference); "
             f"functions giving the reference's verdict on every case response {t['functions_matching_reference']}"
             f" of {t['functions_run']} run ({t['functions']} parsed); of those cross-validation kept "
-            f"{t['kept_matching_reference']} of {t['functions_kept']}")  # fmt: skip
+            f"{t['kept_matching_reference']} of {t['functions_kept']}; of what was written, the reference "
+            f"accepts {t['demos_following_reference']} of {t['demos']} demonstrations and orders "
+            f"{t['pairs_ordered_by_reference']} of {t['pairs']} pairs the same way")  # fmt: skip
 
 
 def write(result: Result, cfg: Config, out_dir: Path) -> dict[str, int]:

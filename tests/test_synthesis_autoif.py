@@ -14,7 +14,7 @@ from alignment.data import DataError
 from data_synthesis import autoif
 from data_synthesis.autoif import parse_cases, read_case
 from data_synthesis.backends import ScriptedBackend
-from data_synthesis.engine import Record, read_rows
+from data_synthesis.engine import Record, Result, read_rows
 from data_synthesis.runner import load_recipe, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,8 @@ def _config(tmp_path, *overrides, out="out", queries=QUERIES):
     args = ["pipeline=autoif", f"input={src}", f"queries={qs}", f"out_dir={tmp_path / out}",
             f"cache={tmp_path / 'cache.sqlite'}", "num_functions=4", "num_case_sets=2", "num_answers=4",
             "queries_per_constraint=0", "min_case_accuracy=0.75", "min_functions=1", "pairs_per_prompt=1",
-            "demos_per_prompt=1", "per_function_timeout_s=1.0", *overrides]  # fmt: skip
+            "demos_per_prompt=1", "per_function_timeout_s=1.0", "cross_validation=all_cases",
+            "min_parsed_functions=1", "min_parsed_cases=1", *overrides]  # fmt: skip
     return load_recipe(args)[1]
 
 
@@ -188,12 +189,15 @@ def test_pipeline_cross_validates_judges_and_writes(tmp_path):
     # matches, the raising and the hanging function give no verdict. c/bad: dropped at parse (no function),
     # its one case ("x", True) labelled right. "Rhyme." has no reference: not audited.
     audit = {r["constraint_id"]: {k: r[k] for k in autoif.AUDIT_COUNTS} for r in _rows(out / "audit.jsonl")}
+    # What was written: c/short's demonstrations "Rain falls." (2 words) the reference accepts, and its pairs
+    # put them above RAIN[2] (10 words), which it refuses; c/nocomma's "No commas at all" above "Yes, commas".
     # Per constraint, in AUDIT_COUNTS' order: cases, labelled right, following the reference, functions,
-    # run, matching the reference, kept, kept and matching.
+    # run, matching the reference, kept, kept and matching; demonstrations, those the reference accepts,
+    # pairs, those it orders the same way.
     assert {cid: tuple(counts.values()) for cid, counts in audit.items()} == {
-        "c/bad": (1, 1, 1, 0, 0, 0, 0, 0),
-        "c/nocomma": (2, 2, 1, 3, 3, 1, 1, 1),
-        "c/short": (4, 3, 3, 3, 3, 2, 2, 2),
+        "c/bad": (1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        "c/nocomma": (2, 2, 1, 3, 3, 1, 1, 1, 2, 2, 2, 2),
+        "c/short": (4, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2),
     }
     assert _rows(out / "audit.jsonl")[0]["reference"] == [{"type": "no_commas"}]
     assert stats["files"]["audit.jsonl"] == 3
@@ -201,6 +205,64 @@ def test_pipeline_cross_validates_judges_and_writes(tmp_path):
     assert {("c/short#function1", "function_inaccurate"), ("c/short#case3", "case_disputed"),
             ("c/nocomma#function_answer2", "no_evaluate"), ("c/nocomma#case_answer1", "cases_unparsable"),
             ("c/nocomma|q/rain#answer3", "unjudged"), ("c/short|q/wind", "no_accepted_answer")} <= dropped  # fmt: skip
+
+
+def test_autoif_cross_validation_drops_cases_no_function_confirms_first(tmp_path):
+    """AutoIF's released rule (QwenLM/AutoIF, code/3_cross_validation.py), by hand on the scripted model.
+    "fewer than 5 words" has 3 distinct functions (FEW_WORDS, `return True`, FEW_SHORT) and 4 cases. "Fine.",
+    labelled False, is 1 word: all three return True, so no function agrees and the case goes first
+    (case_unconfirmed). On the 3 cases left FEW_WORDS and FEW_SHORT agree with 3 of 3, `return True` with 2
+    of 3 (0.67 < 0.8). Over all 4 cases (`all_cases`) the two would agree with 3 of 4 = 0.75 < 0.8, and the
+    constraint would be dropped. "Use no commas." has 3 distinct functions but 2 cases, under
+    min_parsed_cases 3."""
+    base = ("min_parsed_functions=3", "min_parsed_cases=3", "min_case_accuracy=0.8")
+    stats = run(
+        autoif,
+        _config(tmp_path, "cross_validation=autoif", *base),
+        backend=ScriptedBackend(model),
+        progress=False,
+    )
+    assert stats["dropped"] == {"no_instruction": 1, "no_functions": 1, "no_cases": 1,
+                                "too_few_parsed_cases": 1, "no_accepted_answer": 1}  # fmt: skip
+    assert stats["dropped_items"]["case_unconfirmed"] == 1 and "case_disputed" not in stats["dropped_items"]
+    assert stats["dropped_items"]["function_inaccurate"] == 1  # `return True`
+    [kept] = _rows(tmp_path / "out" / "verifiers.jsonl")
+    assert kept["constraint_id"] == "c/short" and kept["function_accuracy"] == [1.0, 1.0]
+    assert kept["verifiers"] == [f.split("\n", 1)[1].removesuffix("```") for f in (FEW_WORDS, FEW_SHORT)]
+    assert kept["cases"] == SHORT_CASES[:3]
+    dropped = {(d["row"]["id"], d["reason"]) for d in _rows(tmp_path / "out" / "dropped.jsonl")}
+    assert ("c/short#case3", "case_unconfirmed") in dropped and (
+        "c/nocomma",
+        "too_few_parsed_cases",
+    ) in dropped
+    assert stats["rows_out"] == 2  # c/short with rain and snow
+    # The same generations under the other rule: both functions fall under 0.8, the constraint goes.
+    stats = run(autoif, _config(tmp_path, *base, out="b"), backend=ScriptedBackend(model), progress=False)
+    assert stats["dropped"]["too_few_functions"] == 1 and stats["rows_out"] == 0
+    with pytest.raises(ValueError, match="cross_validation must be 'autoif' or 'all_cases'"):
+        autoif.Config(cross_validation="majority")
+    with pytest.raises(ValueError, match=r"min_parsed_functions must be in \[1, num_functions\]"):
+        autoif.Config(num_functions=2)  # the default min_parsed_functions is AutoIF's 3
+
+
+def test_the_audit_reads_what_was_written():
+    """By hand: the reference (no commas) accepts "a b", refuses "a, b"; a pair counts as ordered its way
+    only when it accepts the chosen answer and refuses the rejected one."""
+    audit = {"reference": [{"type": "no_commas"}], **dict.fromkeys(autoif.AUDIT_COUNTS[:8], 0)}
+    data = {"instruction": "Use no commas.", "constraint_id": "c/x", "audit": audit}
+    rows = [
+        Record("c/x|q/1", {**data, "demos": [{"text": "a b"}], "pairs": [{"chosen": "a b", "rejected": "a, b"}]}),
+        Record("c/x|q/2", {**data, "demos": [{"text": "a, b"}],
+                           "pairs": [{"chosen": "a b", "rejected": "c d"}, {"chosen": "a, b", "rejected": "c, d"}]}),
+    ]  # fmt: skip
+    [row] = autoif.audit_rows(Result(rows, [], {}))
+    written = {k: row[k] for k in autoif.WRITTEN_COUNTS}
+    assert written == {
+        "demos": 2,
+        "demos_following_reference": 1,
+        "pairs": 3,
+        "pairs_ordered_by_reference": 1,
+    }
 
 
 def test_a_stricter_filter_reuses_every_generation(tmp_path):
@@ -294,6 +356,7 @@ def test_autoif_runs_on_a_real_engine(tmp_path):
     """tiny-qwen2 is random: its functions define no evaluate, and the constraint is dropped and counted."""
     _, cfg = load_recipe(["recipes/data/autoif.yaml", "backend.model=tiny-qwen2", "max_rows=1", "cache=none",
                           f"out_dir={tmp_path}", "num_functions=1", "num_case_sets=1", "num_answers=1",
+                          "min_parsed_functions=1", "min_parsed_cases=1",
                           "sampling.max_new_tokens=16", "backend.generation.backend=transformers"])  # fmt: skip
     stats = run(autoif, cfg, progress=False)
     assert stats["rows_in"] == 1 and stats["generated_samples"] == 2
