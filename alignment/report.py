@@ -9,7 +9,8 @@ It reads files only, from each folder of the run (the start model's evaluation i
 rewards/margins, the reward model's margin and held-out accuracy, online DPO's scores, pair fraction and KL),
 ``eval.json`` (the evaluation after the stage, with its math accuracy per task), ``eval.answers.jsonl`` (its
 greedy answers: which math answers the stage turned right or wrong, and where the judge's verdict against the
-start model rose or fell, each with a sign test) and ``summary.json`` (held-out numbers a
+start model rose or fell, each with a sign test, and how the judge's score of the answers moved, with the
+sign-flip test) and ``summary.json`` (held-out numbers a
 stage measured itself, such as the reward model's pair accuracy). A metric a stage did not report is shown as missing, never as 0.
 Plots go to ``<run>/plots/`` (matplotlib, Agg backend: no display needed).
 """
@@ -150,6 +151,17 @@ def judge_verdicts(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
     }
 
 
+def judge_readings(rows: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[float, float | None]]:
+    """(set, row) -> the judge's verdict against the start model's answer (``judge_verdicts``) and its score of
+    the answer (``judge_score``; None in answers files written before the evaluation recorded it)."""
+    scores = {(row["set"], int(row["row"])): row.get("judge_score") for row in rows if "set" in row}
+    return {
+        key: (win, score if isinstance(score, int | float) else None)
+        for key, win in judge_verdicts(rows).items()
+        for score in [scores.get(key)]
+    }
+
+
 def math_moves(before: dict[int, bool], after: dict[int, bool]) -> dict[str, Any]:
     """Answers turned right (``gained``) and wrong (``lost``) on the prompts both were read on, and the sign
     test of the two."""
@@ -169,6 +181,24 @@ def verdict_moves(before: dict[Any, float], after: dict[Any, float]) -> dict[str
     rate = [sum(v[k] for k in keys) / len(keys) if keys else None for v in (before, after)]
     return {"prompts": len(keys), "up": up, "down": down, "before": rate[0], "after": rate[1],
             "p": sign_test(up, down)}  # fmt: skip
+
+
+def judge_moves(before: dict[Any, tuple], after: dict[Any, tuple]) -> dict[str, Any]:
+    """``verdict_moves`` of the verdicts, plus ``score``: the judge's score of each answer after minus before,
+    on the prompts both have a score for, with the sign-flip test (``alignment.stats.paired_difference``); None
+    where neither file recorded scores. The verdicts only say whether an answer beats the start model's; the
+    scores keep by how much the judge prefers it, so the same preference can read more surely (an answer the
+    stage left unchanged scores the same and adds 0)."""
+    moves = verdict_moves({k: v[0] for k, v in before.items()}, {k: v[0] for k, v in after.items()})
+    keys = sorted(k for k in set(before) & set(after) if before[k][1] is not None and after[k][1] is not None)
+    moves["score"] = paired_difference([after[k][1] - before[k][1] for k in keys]) if keys else None
+    return moves
+
+
+def score_cells(score) -> list[str]:
+    if score is None:
+        return ["-", "-"]
+    return [f"{score.mean:+.3f} ± {score.se:.3f}", f"{score.p:.2g}"]
 
 
 def source_stage(run: Path, stage: str, earlier: list[str]) -> str:
@@ -226,7 +256,10 @@ def flips_section(run: Path, stages: list[str]) -> list[str]:
         "The reward model's verdict on each stage's answer against the start model's answer to the same "
         "prompt (`win` in `eval.answers.jsonl`: win 1, tie 0.5, loss 0), against the model the stage started "
         "from: prompts whose verdict rose (a loss became a tie or a win, a tie a win) or fell; p: the "
-        "two-sided sign test of the two.",
+        "two-sided sign test of the two. The judge's score of each answer (`judge_score`), after minus before: "
+        "its mean a prompt ± its standard error, and p of the sign-flip permutation test "
+        "(`alignment.stats.paired_difference`); the scores keep how much the judge prefers an answer, which the "
+        "verdicts drop.",
     ]
     judge_columns = [
         "prompts",
@@ -235,15 +268,17 @@ def flips_section(run: Path, stages: list[str]) -> list[str]:
         "win rate before",
         "win rate after",
         "p (sign test)",
+        "judge's score change",
+        "p (sign flips)",
     ]
     return moves_table(
         run, stages, {s: math_verdicts(rows[s]) for s in stages}, math_moves, math_head, math_columns,
         lambda m: [str(m["prompts"]), str(m["gained"]), str(m["lost"]), str(m["kept"]),
                    f"{m['gained'] - m['lost']:+d}", f"{m['p']:.2g}"],
     ) + moves_table(
-        run, stages, {s: judge_verdicts(rows[s]) for s in stages}, verdict_moves, judge_head, judge_columns,
+        run, stages, {s: judge_readings(rows[s]) for s in stages}, judge_moves, judge_head, judge_columns,
         lambda v: [str(v["prompts"]), str(v["up"]), str(v["down"]), fmt(v["before"]), fmt(v["after"]),
-                   f"{v['p']:.2g}"],
+                   f"{v['p']:.2g}", *score_cells(v["score"])],
     )  # fmt: skip
 
 
@@ -268,11 +303,17 @@ def compare(before: str | Path, after: str | Path) -> list[str]:
             f"math ({m['prompts']} prompts): {m['gained']} wrong -> right, {m['lost']} right -> wrong, "
             f"net {m['gained'] - m['lost']:+d}, sign test p = {m['p']:.2g}"
         )
-    v = verdict_moves(judge_verdicts(rows[0]), judge_verdicts(rows[1]))
+    v = judge_moves(judge_readings(rows[0]), judge_readings(rows[1]))
     if v["prompts"]:
         lines.append(
             f"judge's verdict against the start model ({v['prompts']} prompts): {v['up']} up, {v['down']} down, "
             f"win rate {fmt(v['before'])} -> {fmt(v['after'])}, sign test p = {v['p']:.2g}"
+        )
+    if v["score"] is not None:
+        d = v["score"]
+        lines.append(
+            f"judge's score ({d.n} prompts): {d.mean:+.3f} ± {d.se:.3f} a prompt ({d.up} up, {d.down} down), "
+            f"sign-flip test p = {d.p:.2g}"
         )
     return lines or ["no prompt has a verdict in both (math `correct` or the judge's `win`)"]
 

@@ -225,21 +225,28 @@ def test_the_report_counts_where_the_judges_verdict_rose_or_fell_with_a_sign_tes
     """The judge's verdicts against the start model (win: 1, 0.5, 0) on five prompts. start ties itself
     everywhere. sft: 1, 1, 1, 0, 0.5 -> up on 3 prompts, down on 1 (2 x (1 + 4) / 2^4 = 0.625). dpo: 1, 1, 1, 1,
     1 -> up where sft had 0 and 0.5, never down (2 x (1/2)^2 = 0.5); win rate 0.7 -> 1. online_dpo has no
-    verdict on row 4 (null: not scored), so its row compares 4 prompts: 0, 1, 1, 0 against dpo's 1, 1, 1, 1."""
+    verdict on row 4 (null: not scored), so its row compares 4 prompts: 0, 1, 1, 0 against dpo's 1, 1, 1, 1.
+
+    The judge's scores, after minus before (mean ± s / sqrt(n); p of the exact sign-flip test, a zero
+    difference adding nothing either way): sft - start = 1, 1, 1, -1, 0: mean 0.4, s^2 = (3 x 0.36 + 1.96 +
+    0.16) / 4 = 0.8, se = sqrt(0.8 / 5) = 0.4; the sum of +-1 four times reaches |2| in 10 of 16 patterns, p =
+    0.625. dpo - sft = 0, 0, 0, 2, 1: mean 0.6, the same s^2, se 0.4; |+-2 +-1| >= 3 in 2 of 4, p = 0.5.
+    online_dpo - dpo = -1, 0, 0, -1 on 4 prompts: mean -0.5, s^2 = 1/3, se = sqrt(1/12) = 0.289, p = 0.5."""
     run = make_run(tmp_path)
     wins = {"start": [0.5] * 5, "sft": [1, 1, 1, 0, 0.5], "dpo": [1] * 5, "online_dpo": [0, 1, 1, 0, None]}
+    scores = {"start": [0] * 5, "sft": [1, 1, 1, -1, 0], "dpo": [1] * 5, "online_dpo": [0, 1, 1, 0, None]}
     for stage, verdicts in wins.items():
         rows = [
-            {"set": "math", "row": i, "answer": "a", "correct": False, "win": w}
-            for i, w in enumerate(verdicts)
+            {"set": "math", "row": i, "answer": "a", "correct": False, "win": w, "judge_score": x}
+            for i, (w, x) in enumerate(zip(verdicts, scores[stage]))
         ]
         rows.append({"set": "ifeval", "row": 0, "answer": "b"})  # no verdict: not counted
         write_jsonl(run / stage / "eval.answers.jsonl", rows)
     text = write_report(run).read_text()
     section = text.split("## Which answers the judge prefers")[1].split("##")[0]
-    assert "| start | sft | 5 | 3 | 1 | 0.5 | 0.7 | 0.62 |" in section
-    assert "| sft | dpo | 5 | 2 | 0 | 0.7 | 1 | 0.5 |" in section
-    assert "| dpo | online_dpo | 4 | 0 | 2 | 1 | 0.5 | 0.5 |" in section
+    assert "| start | sft | 5 | 3 | 1 | 0.5 | 0.7 | 0.62 | +0.400 ± 0.400 | 0.62 |" in section
+    assert "| sft | dpo | 5 | 2 | 0 | 0.7 | 1 | 0.5 | +0.600 ± 0.400 | 0.5 |" in section
+    assert "| dpo | online_dpo | 4 | 0 | 2 | 1 | 0.5 | 0.5 | -0.500 ± 0.289 | 0.5 |" in section
 
 
 def test_answers_without_the_judges_verdicts_give_no_verdict_table(tmp_path):
@@ -257,13 +264,16 @@ def test_answers_without_the_judges_verdicts_give_no_verdict_table(tmp_path):
 def test_compare_two_evaluations_prompt_by_prompt_from_the_command_line(tmp_path):
     """Two evaluations of three math prompts: a is right on 0, b on 1 and 2 (2 up, 1 down: p = 2 x 4 / 8,
     capped at 1); the judge's verdicts 0, 0.5, 1 against 1, 1, 1 (2 up, none down: p = 2 x (1/2)^2 = 0.5; win
-    rate 0.5 -> 1). b is named by its answers file, a by its eval.json; a missing one is a one-line error."""
-    for name, correct, wins in (("a", [1, 0, 0], [0, 0.5, 1]), ("b", [0, 1, 1], [1, 1, 1])):
+    rate 0.5 -> 1); the judge's scores 0, 1, 2 against 1, 1, 3: differences 1, 0, 1, mean 2/3, s^2 = (1/9 +
+    4/9 + 1/9) / 2 = 1/3, se = sqrt(1/9) = 1/3; the sign flips of 1 and 1 reach |2| in 2 of 4 patterns, p = 0.5.
+    b is named by its answers file, a by its eval.json; a missing one is a one-line error."""
+    data = (("a", [1, 0, 0], [0, 0.5, 1], [0, 1, 2]), ("b", [0, 1, 1], [1, 1, 1], [1, 1, 3]))
+    for name, correct, wins, scores in data:
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps({"answers": "eval.answers.jsonl"}))
         rows = [
-            {"set": "math", "row": i, "correct": bool(c), "win": w}
-            for i, (c, w) in enumerate(zip(correct, wins))
+            {"set": "math", "row": i, "correct": bool(c), "win": w, "judge_score": x}
+            for i, (c, w, x) in enumerate(zip(correct, wins, scores))
         ]
         write_jsonl(tmp_path / name / "eval.answers.jsonl", rows)
 
@@ -276,6 +286,7 @@ def test_compare_two_evaluations_prompt_by_prompt_from_the_command_line(tmp_path
     assert proc.stdout.splitlines() == [
         "math (3 prompts): 2 wrong -> right, 1 right -> wrong, net +1, sign test p = 1",
         "judge's verdict against the start model (3 prompts): 2 up, 0 down, win rate 0.5 -> 1, sign test p = 0.5",
+        "judge's score (3 prompts): +0.667 ± 0.333 a prompt (2 up, 0 down), sign-flip test p = 0.5",
     ]
     proc = run(tmp_path / "a" / "eval.json", tmp_path / "nope.json")
     assert proc.returncode == 2 and proc.stderr.strip().startswith(
