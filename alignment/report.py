@@ -154,12 +154,8 @@ def judge_verdicts(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
 def judge_readings(rows: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[float, float | None]]:
     """(set, row) -> the judge's verdict against the start model's answer (``judge_verdicts``) and its score of
     the answer (``judge_score``; None in answers files written before the evaluation recorded it)."""
-    scores = {(row["set"], int(row["row"])): row.get("judge_score") for row in rows if "set" in row}
-    return {
-        key: (win, score if isinstance(score, int | float) else None)
-        for key, win in judge_verdicts(rows).items()
-        for score in [scores.get(key)]
-    }
+    scores = {(row["set"], int(row["row"])): _number(row.get("judge_score")) for row in rows if "set" in row}
+    return {key: (win, scores.get(key)) for key, win in judge_verdicts(rows).items()}
 
 
 def math_moves(before: dict[int, bool], after: dict[int, bool]) -> dict[str, Any]:
@@ -186,7 +182,7 @@ def verdict_moves(before: dict[Any, float], after: dict[Any, float]) -> dict[str
 def judge_moves(before: dict[Any, tuple], after: dict[Any, tuple]) -> dict[str, Any]:
     """``verdict_moves`` of the verdicts, plus ``score``: the judge's score of each answer after minus before,
     on the prompts both have a score for, with the sign-flip test (``alignment.stats.paired_difference``); None
-    where neither file recorded scores. The verdicts only say whether an answer beats the start model's; the
+    where no prompt has a score in both. The verdicts only say whether an answer beats the start model's; the
     scores keep by how much the judge prefers it, so the same preference can read more surely (an answer the
     stage left unchanged scores the same and adds 0)."""
     moves = verdict_moves({k: v[0] for k, v in before.items()}, {k: v[0] for k, v in after.items()})

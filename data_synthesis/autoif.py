@@ -442,9 +442,8 @@ class CrossValidate(Step):
         scored = usable
         if cfg.cross_validation == "autoif":  # cases no function agrees with go first
             scored = [j for j in usable if any(agree[i][j] for i in range(len(functions)))]
-            for j in usable:
-                if j not in scored:
-                    drop_item(ctx, r, "case", j, cases[j], "case_unconfirmed", "no function agrees with it")
+            for j in sorted(set(usable) - set(scored)):
+                drop_item(ctx, r, "case", j, cases[j], "case_unconfirmed", "no function agrees with it")
         accuracy = [sum(agree[i][j] for j in scored) / max(len(scored), 1) for i in range(len(functions))]
         kept = [i for i in range(len(functions)) if accuracy[i] >= cfg.min_case_accuracy]
         if r.data["audit"] is not None:  # measures only: nothing below reads it
@@ -649,10 +648,11 @@ def kept_constraints(result: Result) -> list[dict[str, Any]]:
     return sorted(seen.values(), key=lambda row: row["constraint_id"])
 
 
-AUDIT_COUNTS = ("cases", "cases_labelled_right", "cases_following_reference", "functions", "functions_run",
-                "functions_matching_reference", "functions_kept", "kept_matching_reference", "demos",
-                "demos_following_reference", "pairs", "pairs_ordered_by_reference")  # fmt: skip
+# What the written rows are audited for; AUDIT_COUNTS is every count of an audit row, in its order.
 WRITTEN_COUNTS = ("demos", "demos_following_reference", "pairs", "pairs_ordered_by_reference")
+AUDIT_COUNTS = ("cases", "cases_labelled_right", "cases_following_reference", "functions", "functions_run",
+                "functions_matching_reference", "functions_kept", "kept_matching_reference",
+                *WRITTEN_COUNTS)  # fmt: skip
 
 
 def audit_rows(result: Result) -> list[dict[str, Any]]:
