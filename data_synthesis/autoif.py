@@ -37,7 +37,9 @@ Steps and their exact rules (drop reasons in brackets; every drop is counted in 
    strict majority of the kept functions disagree with [case_disputed]. A constraint keeps its functions
    when at least ``min_functions`` survive, else it is dropped [too_few_functions]. The minimum counts of
    step 3 are what keeps ``autoif`` from being empty: with one function, the cases it confirms are its own
-   verdicts, and it agrees with all of them.
+   verdicts, and it agrees with all of them. Last, beyond AutoIF's code, the kept cases must hold at least
+   ``min_cases_per_label`` cases of each label [one_sided_cases]: cases that are all False are confirmed by
+   ``return False``, and on the 135M model most constraints that got this far had only such cases.
 5. ``pair_queries``: each kept constraint is joined with ``queries_per_constraint`` queries (0: all), drawn
    by a shuffle seeded by ``seed`` and the constraint's id: one row per (query, constraint), with the id
    ``<constraint id>|<query id>``.
@@ -196,6 +198,10 @@ class Config(SynthesisConfig):
     min_parsed_cases: int = 10
     # A constraint is kept when at least this many functions survive.
     min_functions: int = 1
+    # ...and its kept cases hold at least this many of each label, True and False (0: AutoIF's code, which
+    # has no such rule). Cases of one label cannot tell a right function from a constant: on the 135M model
+    # the cases of most constraints that pass are all False, and so are the functions that agree with them.
+    min_cases_per_label: int = 1
     # Answer scores (share of kept functions returning True): >= accept is accepted, <= reject is rejected.
     accept: float = 1.0
     reject: float = 0.0
@@ -230,6 +236,8 @@ class Config(SynthesisConfig):
             )
         if self.min_parsed_cases < 1:
             raise ValueError(f"min_parsed_cases must be >= 1, got {self.min_parsed_cases}")
+        if self.min_cases_per_label < 0:
+            raise ValueError(f"min_cases_per_label must be >= 0, got {self.min_cases_per_label}")
         if not 0.0 <= self.min_case_accuracy <= 1.0:
             raise ValueError(f"min_case_accuracy must be in [0, 1], got {self.min_case_accuracy}")
         if not 0.0 <= self.reject < self.accept <= 1.0:
@@ -477,8 +485,13 @@ class CrossValidate(Step):
                 )
             else:
                 kept_cases.append(cases[j])
+        labels = [sum(c["expected"] is label for c in kept_cases) for label in (True, False)]
+        if min(labels) < cfg.min_cases_per_label:
+            detail = f"kept cases: {labels[0]} True, {labels[1]} False; min_cases_per_label {cfg.min_cases_per_label}"
+            ctx.drop(r, "one_sided_cases", detail)
+            return False
         made_by = {"cross_validation": cfg.cross_validation, "min_case_accuracy": cfg.min_case_accuracy,
-                   "min_functions": cfg.min_functions}  # fmt: skip
+                   "min_functions": cfg.min_functions, "min_cases_per_label": cfg.min_cases_per_label}  # fmt: skip
         r.set("verifiers", [functions[i] for i in kept], self.name, **made_by)
         r.set("kept_cases", kept_cases, self.name, **made_by)
         r.set("function_accuracy", [accuracy[i] for i in kept], self.name, **made_by)

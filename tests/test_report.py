@@ -249,6 +249,28 @@ def test_the_report_counts_where_the_judges_verdict_rose_or_fell_with_a_sign_tes
     assert "| dpo | online_dpo | 4 | 0 | 2 | 1 | 0.5 | 0.5 | -0.500 ± 0.289 | 0.5 |" in section
 
 
+def test_verdicts_without_the_judges_scores_leave_the_score_cells_empty(tmp_path):
+    """Answers files with verdicts but no ``judge_score`` (written before the evaluation recorded it): the
+    verdict columns are read as usual, the score's two cells are "-". start ties itself on both prompts; sft
+    wins one and loses one: 1 up, 1 down, p = 1, win rate 0.5 -> 0.5. dpo has scores on both prompts, sft has
+    none, so dpo's row has no score either; with sft's score on row 0 alone, dpo's row reads that one prompt."""
+    run = make_run(tmp_path)
+    rows = {"start": [(0.5, 0.0), (0.5, 0.0)], "sft": [(1, None), (0, None)], "dpo": [(1, 2.0), (1, 3.0)]}
+    for stage, verdicts in rows.items():
+        write_jsonl(run / stage / "eval.answers.jsonl",
+                    [{"set": "math", "row": i, "answer": "a", "correct": False, "win": w, "judge_score": x}
+                     for i, (w, x) in enumerate(verdicts)])  # fmt: skip
+    section = write_report(run).read_text().split("## Which answers the judge prefers")[1].split("##")[0]
+    assert "| start | sft | 2 | 1 | 1 | 0.5 | 0.5 | 1 | - | - |" in section
+    assert "| sft | dpo | 2 | 1 | 0 | 0.5 | 1 | 1 | - | - |" in section
+    write_jsonl(run / "sft" / "eval.answers.jsonl",
+                [{"set": "math", "row": 0, "answer": "a", "correct": False, "win": 1, "judge_score": 0.5},
+                 {"set": "math", "row": 1, "answer": "a", "correct": False, "win": 0}])  # fmt: skip
+    section = write_report(run).read_text().split("## Which answers the judge prefers")[1].split("##")[0]
+    # dpo - sft on row 0 only: 2.0 - 0.5 = +1.5, one prompt: se 0 (no spread), exact p = 2 x 1/2 = 1.
+    assert "| sft | dpo | 2 | 1 | 0 | 0.5 | 1 | 1 | +1.500 ± 0.000 | 1 |" in section
+
+
 def test_answers_without_the_judges_verdicts_give_no_verdict_table(tmp_path):
     """Answers files written before the evaluation recorded verdicts: the math table only."""
     run = make_run(tmp_path)

@@ -245,6 +245,36 @@ def test_autoif_cross_validation_drops_cases_no_function_confirms_first(tmp_path
         autoif.Config(num_functions=2)  # the default min_parsed_functions is AutoIF's 3
 
 
+def test_cases_of_one_label_cannot_keep_a_constraint(tmp_path):
+    """By hand: "Shout." has two functions, `return False` and a wrong length test, and four cases, all
+    labelled False. Both functions agree with all four, so cross-validation keeps both; the cases hold 0 True
+    and 4 False, and under min_cases_per_label 1 (the default) the constraint is dropped. With 0 (AutoIF's
+    code) it is kept, and every answer is rejected: no row is written either way."""
+    src = tmp_path / "shout.jsonl"
+    src.write_text(json.dumps({"id": "c/shout", "instruction": "Shout."}) + "\n")
+    quiet = [{"response": r, "expected": False} for r in ("hello", "quiet please", "a b c", "no")]
+
+    def shout_model(conversation, j):
+        text = conversation[-1]["content"]
+        if "Write a Python function `evaluate" in text:
+            return [fn("return False"), fn("return len(response) > 500")][j % 2]
+        if "Write test cases" in text:
+            return json.dumps({"cases": quiet[2 * j : 2 * j + 2]})
+        return "HELLO!"
+
+    args = (f"input={src}", "num_functions=2", "num_answers=1")
+    stats = run(autoif, _config(tmp_path, *args), backend=ScriptedBackend(shout_model), progress=False)
+    assert stats["dropped"] == {"one_sided_cases": 1} and stats["rows_out"] == 0
+    [d] = [d for d in _rows(tmp_path / "out" / "dropped.jsonl") if d["row"]["id"] == "c/shout"]
+    assert d["reason"] == "one_sided_cases" and "0 True, 4 False" in d["detail"]
+    stats = run(autoif, _config(tmp_path, *args, "min_cases_per_label=0", out="b"),
+                backend=ScriptedBackend(shout_model), progress=False)  # fmt: skip
+    assert [r["constraint_id"] for r in _rows(tmp_path / "b" / "verifiers.jsonl")] == ["c/shout"]
+    assert stats["dropped"] == {"no_accepted_answer": 3}  # both functions refuse "HELLO!" on 3 queries
+    with pytest.raises(ValueError, match="min_cases_per_label must be >= 0"):
+        autoif.Config(min_cases_per_label=-1)
+
+
 def test_the_audit_reads_what_was_written():
     """By hand: the reference (no commas) accepts "a b", refuses "a, b"; a pair counts as ordered its way
     only when it accepts the chosen answer and refuses the rejected one."""
