@@ -37,9 +37,11 @@ Steps and their exact rules (drop reasons in brackets; every drop is counted in 
    strict majority of the kept functions disagree with [case_disputed]. A constraint keeps its functions
    when at least ``min_functions`` survive, else it is dropped [too_few_functions]. The minimum counts of
    step 3 are what keeps ``autoif`` from being empty: with one function, the cases it confirms are its own
-   verdicts, and it agrees with all of them. Last, beyond AutoIF's code, the kept cases must hold at least
-   ``min_cases_per_label`` cases of each label [one_sided_cases]: cases that are all False are confirmed by
-   ``return False``, and on the 135M model most constraints that got this far had only such cases.
+   verdicts, and it agrees with all of them. Beyond AutoIF's code (``min_cases_per_label``, default 1; 0
+   turns it off): the cases must hold at least that many of each label, before and after the disputes
+   [one_sided_cases], and a function must also agree with at least that many cases of each label
+   [function_one_sided]: cases that are all False confirm ``return False``, and so do 4 False cases and 1
+   True one at the 0.8 threshold.
 5. ``pair_queries``: each kept constraint is joined with ``queries_per_constraint`` queries (0: all), drawn
    by a shuffle seeded by ``seed`` and the constraint's id: one row per (query, constraint), with the id
    ``<constraint id>|<query id>``.
@@ -70,7 +72,8 @@ Writes into ``out_dir``:
   response) and ``cases_following_reference`` (responses the reference accepts: cases that all break the
   constraint cannot tell a right function from ``return False``), ``functions`` (parsed),
   ``functions_run`` (cross-validated), ``functions_matching_reference`` (the reference's verdict on every
-  case response the sandbox ran), ``functions_kept`` and ``kept_matching_reference``; and of what was
+  case response the sandbox ran, counted only where the reference accepts one of those responses and refuses
+  another: on responses that all break the constraint ``return False`` gives its verdict every time), ``functions_kept`` and ``kept_matching_reference``; and of what was
   written, ``demos`` and ``demos_following_reference`` (demonstrations the reference accepts), ``pairs`` and
   ``pairs_ordered_by_reference`` (pairs whose chosen answer it accepts and whose rejected one it refuses).
   It measures the model that wrote them (how often its cases are labelled right, how often its functions
@@ -87,8 +90,10 @@ Deliberate simplifications:
   them: at the recipe's 4 function and 2 case answers no constraint reaches cross-validation (most answers
   define no ``evaluate``, most case objects repeat), and the audit says why sampling more does not help: the
   model labels its own cases no better than a coin, so the cases cannot tell a right function from a wrong
-  one (README, "Data synthesis": at 12 and 8 answers, half the functions AutoIF's rule keeps are wrong, and
-  no answer passes them). The filters carry the quality, and they let nothing through here; point
+  one (README, "Data synthesis": at 12 and 8 answers, 12 of the 13 constraints AutoIF's rule keeps have
+  only False cases and constant functions, which ``min_cases_per_label`` drops; none of the 43 functions run
+  gives the reference's verdict on case responses it splits). The filters carry the quality, and they let
+  next to nothing through here; point
   ``backend.model`` (or ``backend.kind: openai`` + ``backend.url``) at a larger model for real data, and read
   ``audit.jsonl`` to see how right its cases, functions and written rows are.
 """
@@ -198,9 +203,11 @@ class Config(SynthesisConfig):
     min_parsed_cases: int = 10
     # A constraint is kept when at least this many functions survive.
     min_functions: int = 1
-    # ...and its kept cases hold at least this many of each label, True and False (0: AutoIF's code, which
-    # has no such rule). Cases of one label cannot tell a right function from a constant: on the 135M model
-    # the cases of most constraints that pass are all False, and so are the functions that agree with them.
+    # Beyond AutoIF's code (0: its rule): the cases must hold at least this many of each label, True and
+    # False, and a kept function must agree with at least this many of each. Cases of one label cannot tell a
+    # right function from a constant, nor can a function that agrees with one label only be told from one: on
+    # the 135M model with worked examples in the prompts, 5 of the 6 constraints AutoIF's rule kept had only
+    # False cases, and functions that agreed with them by returning False.
     min_cases_per_label: int = 1
     # Answer scores (share of kept functions returning True): >= accept is accepted, <= reject is rejected.
     accept: float = 1.0
@@ -453,18 +460,37 @@ class CrossValidate(Step):
             for j in sorted(set(usable) - set(scored)):
                 drop_item(ctx, r, "case", j, cases[j], "case_unconfirmed", "no function agrees with it")
         accuracy = [sum(agree[i][j] for j in scored) / max(len(scored), 1) for i in range(len(functions))]
-        kept = [i for i in range(len(functions)) if accuracy[i] >= cfg.min_case_accuracy]
+        # confirmed[i]: the cases of each label (True, False) function i agrees with.
+        confirmed = [
+            [sum(agree[i][j] for j in scored if cases[j]["expected"] is label) for label in (True, False)]
+            for i in range(len(functions))
+        ]
+        accurate = [i for i in range(len(functions)) if accuracy[i] >= cfg.min_case_accuracy]
+        kept = [i for i in accurate if min(confirmed[i]) >= cfg.min_cases_per_label]
         if r.data["audit"] is not None:  # measures only: nothing below reads it
             reference = r.data["audit"]["reference"]
             labels = {j: reference_verdict(reference, cases[j]["response"]) for j in usable}
-            matching = [i for i in range(len(functions)) if all(verdicts[i][j] is labels[j] for j in usable)]
+            # Only case responses the reference splits can tell a right function from a constant one.
+            splits = {labels[j] for j in usable} == {True, False}
+            matching = [
+                i
+                for i in range(len(functions))
+                if splits and all(verdicts[i][j] is labels[j] for j in usable)
+            ]
             r.set("audit", {**r.data["audit"], "functions_run": len(functions),
                             "functions_matching_reference": len(matching), "functions_kept": len(kept),
                             "kept_matching_reference": len(set(matching) & set(kept))}, self.name)  # fmt: skip
+        labels = [sum(cases[j]["expected"] is label for j in scored) for label in (True, False)]
+        if min(labels) < cfg.min_cases_per_label:
+            ctx.drop(r, "one_sided_cases", one_sided(labels, cfg.min_cases_per_label))
+            return False
         for i in range(len(functions)):
-            if i not in kept:
+            if i not in accurate:
                 detail = f"agrees with {accuracy[i]:.2f} of {len(scored)} cases"
                 drop_item(ctx, r, "function", i, functions[i], "function_inaccurate", detail)
+            elif i not in kept:
+                detail = f"agrees with {confirmed[i][0]} True and {confirmed[i][1]} False cases"
+                drop_item(ctx, r, "function", i, functions[i], "function_one_sided", detail)
         if len(kept) < cfg.min_functions:
             ctx.drop(
                 r, "too_few_functions", f"{len(kept)} function(s) kept, min_functions {cfg.min_functions}"
@@ -486,9 +512,8 @@ class CrossValidate(Step):
             else:
                 kept_cases.append(cases[j])
         labels = [sum(c["expected"] is label for c in kept_cases) for label in (True, False)]
-        if min(labels) < cfg.min_cases_per_label:
-            detail = f"kept cases: {labels[0]} True, {labels[1]} False; min_cases_per_label {cfg.min_cases_per_label}"
-            ctx.drop(r, "one_sided_cases", detail)
+        if min(labels) < cfg.min_cases_per_label:  # disputes took the last cases of a label
+            ctx.drop(r, "one_sided_cases", one_sided(labels, cfg.min_cases_per_label))
             return False
         made_by = {"cross_validation": cfg.cross_validation, "min_case_accuracy": cfg.min_case_accuracy,
                    "min_functions": cfg.min_functions, "min_cases_per_label": cfg.min_cases_per_label}  # fmt: skip
@@ -496,6 +521,10 @@ class CrossValidate(Step):
         r.set("kept_cases", kept_cases, self.name, **made_by)
         r.set("function_accuracy", [accuracy[i] for i in kept], self.name, **made_by)
         return True
+
+
+def one_sided(labels: list[int], minimum: int) -> str:
+    return f"cases: {labels[0]} True, {labels[1]} False; min_cases_per_label {minimum}"
 
 
 def load_queries(path: str) -> list[tuple[str, str]]:
@@ -703,7 +732,8 @@ def audit_summary(rows: list[dict[str, Any]]) -> str:
     return (f"[autoif] audit of {len(rows)} constraints against their reference checkers (never used to keep or "
             f"drop): cases labelled as the reference labels them {t['cases_labelled_right']} of {t['cases']} "
             f"({t['cases_following_reference']} of the case responses follow the reference); "
-            f"functions giving the reference's verdict on every case response {t['functions_matching_reference']}"
+            f"functions giving the reference's verdict on every case response, where it accepts one and refuses "
+            f"another, {t['functions_matching_reference']}"
             f" of {t['functions_run']} run ({t['functions']} parsed); of those cross-validation kept "
             f"{t['kept_matching_reference']} of {t['functions_kept']}; of what was written, the reference "
             f"accepts {t['demos_following_reference']} of {t['demos']} demonstrations and orders "

@@ -245,32 +245,73 @@ def test_autoif_cross_validation_drops_cases_no_function_confirms_first(tmp_path
         autoif.Config(num_functions=2)  # the default min_parsed_functions is AutoIF's 3
 
 
-def test_cases_of_one_label_cannot_keep_a_constraint(tmp_path):
-    """By hand: "Shout." has two functions, `return False` and a wrong length test, and four cases, all
-    labelled False. Both functions agree with all four, so cross-validation keeps both; the cases hold 0 True
-    and 4 False, and under min_cases_per_label 1 (the default) the constraint is dropped. With 0 (AutoIF's
-    code) it is kept, and every answer is rejected: no row is written either way."""
+def test_cases_and_functions_of_one_label_keep_nothing(tmp_path):
+    """By hand, on "Shout." (`_config`'s min_case_accuracy 0.75). Functions: `return False` and
+    `response.isupper()`. Cases: 4 labelled False ("hello", ...) and, in the second run, "HELLO THERE"
+    labelled True.
+
+    All False: both functions agree with all 4; the cases hold 0 True, so under min_cases_per_label 1 (the
+    default) the constraint is dropped [one_sided_cases]. With 0 (AutoIF's code) both are kept, and the answer
+    "HELLO!" scores 1 of 2: neither accepted nor rejected, no row.
+
+    4 False + 1 True: `return False` agrees with 4 of 5 = 0.8 >= 0.75 but with no True case
+    [function_one_sided]; isupper agrees with all 5 and alone judges "HELLO!" accepted and "quiet" rejected:
+    one demonstration and one pair per query (3 queries). With 0 both are kept and again no row."""
     src = tmp_path / "shout.jsonl"
-    src.write_text(json.dumps({"id": "c/shout", "instruction": "Shout."}) + "\n")
+    reference = [{"type": "all_uppercase"}]  # read by the audit only
+    src.write_text(json.dumps({"id": "c/shout", "instruction": "Shout.", "constraints": reference}) + "\n")
     quiet = [{"response": r, "expected": False} for r in ("hello", "quiet please", "a b c", "no")]
+    loud = {"response": "HELLO THERE", "expected": True}
 
-    def shout_model(conversation, j):
-        text = conversation[-1]["content"]
-        if "Write a Python function `evaluate" in text:
-            return [fn("return False"), fn("return len(response) > 500")][j % 2]
-        if "Write test cases" in text:
-            return json.dumps({"cases": quiet[2 * j : 2 * j + 2]})
-        return "HELLO!"
+    def shout_model(cases):
+        def model(conversation, j):
+            text = conversation[-1]["content"]
+            if "Write a Python function `evaluate" in text:
+                return [fn("return False"), fn("return response.isupper()")][j]
+            if "Write test cases" in text:
+                return json.dumps({"cases": cases[j::2]})
+            return ["HELLO!", "quiet"][j]
 
-    args = (f"input={src}", "num_functions=2", "num_answers=1")
-    stats = run(autoif, _config(tmp_path, *args), backend=ScriptedBackend(shout_model), progress=False)
+        return ScriptedBackend(model)
+
+    def go(cases, out, *more):
+        args = (f"input={src}", "num_functions=2", "num_answers=2", f"cache={tmp_path / out}.sqlite", *more)
+        return run(autoif, _config(tmp_path, *args, out=out), backend=shout_model(cases), progress=False)
+
+    stats = go(quiet, "a")
     assert stats["dropped"] == {"one_sided_cases": 1} and stats["rows_out"] == 0
-    [d] = [d for d in _rows(tmp_path / "out" / "dropped.jsonl") if d["row"]["id"] == "c/shout"]
+    [d] = [d for d in _rows(tmp_path / "a" / "dropped.jsonl") if d["row"]["id"] == "c/shout"]
     assert d["reason"] == "one_sided_cases" and "0 True, 4 False" in d["detail"]
-    stats = run(autoif, _config(tmp_path, *args, "min_cases_per_label=0", out="b"),
-                backend=ScriptedBackend(shout_model), progress=False)  # fmt: skip
-    assert [r["constraint_id"] for r in _rows(tmp_path / "b" / "verifiers.jsonl")] == ["c/shout"]
-    assert stats["dropped"] == {"no_accepted_answer": 3}  # both functions refuse "HELLO!" on 3 queries
+    stats = go(quiet, "b", "min_cases_per_label=0")
+    assert _rows(tmp_path / "b" / "verifiers.jsonl")[0]["function_accuracy"] == [1.0, 1.0]
+    assert stats["dropped"] == {"no_accepted_answer": 3} and stats["rows_out"] == 0
+
+    stats = go([*quiet, loud], "c")
+    assert stats["dropped_items"] == {"function_one_sided": 1} and stats["rows_out"] == 3
+    [kept] = _rows(tmp_path / "c" / "verifiers.jsonl")
+    assert kept["verifiers"] == ["def evaluate(response):\n    return response.isupper()\n"]
+    assert {r["messages"][1]["content"] for r in _rows(tmp_path / "c" / "sft.jsonl")} == {"HELLO!"}
+    pairs = {
+        (r["chosen"][0]["content"], r["rejected"][0]["content"])
+        for r in _rows(tmp_path / "c" / "preference.jsonl")
+    }
+    assert pairs == {("HELLO!", "quiet")}
+    stats = go([*quiet, loud], "d", "min_cases_per_label=0")
+    assert _rows(tmp_path / "d" / "verifiers.jsonl")[0]["function_accuracy"] == [0.8, 1.0]
+    assert stats["dropped"] == {"no_accepted_answer": 3} and stats["rows_out"] == 0
+    # The audit (AUDIT_COUNTS' order). The reference refuses every all-False case response, so no function
+    # counts as matching it there, though both give its verdict on all four: `return False` would match any
+    # reference on them. With "HELLO THERE" it accepts one: isupper matches, `return False` does not; the 3
+    # demonstrations ("HELLO!") it accepts, the 3 pairs (above "quiet") it orders the same way.
+    audit = {
+        out: tuple(_rows(tmp_path / out / "audit.jsonl")[0][k] for k in autoif.AUDIT_COUNTS) for out in "abcd"
+    }
+    assert audit == {
+        "a": (4, 4, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0),
+        "b": (4, 4, 0, 2, 2, 0, 2, 0, 0, 0, 0, 0),
+        "c": (5, 5, 1, 2, 2, 1, 1, 1, 3, 3, 3, 3),
+        "d": (5, 5, 1, 2, 2, 1, 2, 1, 0, 0, 0, 0),
+    }
     with pytest.raises(ValueError, match="min_cases_per_label must be >= 0"):
         autoif.Config(min_cases_per_label=-1)
 
