@@ -472,18 +472,16 @@ class CrossValidate(Step):
             reference = r.data["audit"]["reference"]
             labels = {j: reference_verdict(reference, cases[j]["response"]) for j in usable}
             # Only case responses the reference splits can tell a right function from a constant one.
-            splits = {labels[j] for j in usable} == {True, False}
-            matching = [
-                i
-                for i in range(len(functions))
-                if splits and all(verdicts[i][j] is labels[j] for j in usable)
-            ]
+            matching = []
+            if {labels[j] for j in usable} == {True, False}:
+                matching = [
+                    i for i in range(len(functions)) if all(verdicts[i][j] is labels[j] for j in usable)
+                ]
             r.set("audit", {**r.data["audit"], "functions_run": len(functions),
                             "functions_matching_reference": len(matching), "functions_kept": len(kept),
                             "kept_matching_reference": len(set(matching) & set(kept))}, self.name)  # fmt: skip
-        per_label = [sum(cases[j]["expected"] is label for j in scored) for label in (True, False)]
-        if min(per_label) < cfg.min_cases_per_label:
-            ctx.drop(r, "one_sided_cases", one_sided(per_label, cfg.min_cases_per_label))
+        if detail := one_sided([cases[j] for j in scored], cfg.min_cases_per_label):
+            ctx.drop(r, "one_sided_cases", detail)
             return False
         for i in range(len(functions)):
             if i not in accurate:
@@ -512,9 +510,8 @@ class CrossValidate(Step):
                 )
             else:
                 kept_cases.append(cases[j])
-        per_label = [sum(c["expected"] is label for c in kept_cases) for label in (True, False)]
-        if min(per_label) < cfg.min_cases_per_label:  # disputes took the last cases of a label
-            ctx.drop(r, "one_sided_cases", one_sided(per_label, cfg.min_cases_per_label))
+        if detail := one_sided(kept_cases, cfg.min_cases_per_label):  # disputes took a label's last cases
+            ctx.drop(r, "one_sided_cases", detail)
             return False
         made_by = {"cross_validation": cfg.cross_validation, "min_case_accuracy": cfg.min_case_accuracy,
                    "min_functions": cfg.min_functions, "min_cases_per_label": cfg.min_cases_per_label}  # fmt: skip
@@ -524,8 +521,12 @@ class CrossValidate(Step):
         return True
 
 
-def one_sided(labels: list[int], minimum: int) -> str:
-    return f"cases: {labels[0]} True, {labels[1]} False; min_cases_per_label {minimum}"
+def one_sided(cases: list[dict[str, Any]], minimum: int) -> str | None:
+    """Why ``cases`` hold fewer than ``minimum`` cases of a label (True or False); None when they do not."""
+    true = sum(c["expected"] is True for c in cases)
+    if min(true, len(cases) - true) >= minimum:
+        return None
+    return f"cases: {true} True, {len(cases) - true} False; min_cases_per_label {minimum}"
 
 
 def load_queries(path: str) -> list[tuple[str, str]]:
