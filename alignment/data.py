@@ -235,6 +235,7 @@ class PromptExample:
 
     prompt: Messages
     columns: dict[str, Any]
+    source: str = ""  # "file: row N", for logs that point back at the row
 
 
 def normalize_prompt_row(row: Any, where: str) -> PromptExample:
@@ -255,7 +256,7 @@ def normalize_prompt_row(row: Any, where: str) -> PromptExample:
         raise DataError(f"{where}: field 'prompt': must end with a user (or system) turn")
     if isinstance(row.get("prompt"), str) and not row["prompt"].strip():
         raise DataError(f"{where}: field 'prompt': empty")
-    return PromptExample(prompt, rest)
+    return PromptExample(prompt, rest, where)
 
 
 def encode_prompt(tokenizer, prompt: Messages) -> list[int]:

@@ -15,7 +15,8 @@ One step (the loop below, in this order):
 2. ``num_samples`` answers per prompt from the sampler (alignment/generation.py: vLLM in this process by
    default), prompts sent as token ids;
 3. scores from the composed reward of the recipe's ``rewards`` (reward/compose.py);
-4. one pair per prompt, best vs worst (alignment/pair_selection.py), the chosen answer a verified one where a
+4. one pair per prompt (``pairs.per_prompt``: up to that many, a ladder of disjoint answers), best vs worst
+   (alignment/pair_selection.py), the chosen answer a verified one where a
    verifier of ``pairs.chosen_must_pass`` judged the prompt, and the rejected answer one that passed the verifiers
    of ``pairs.rejected_must_pass`` where they judged it; ties, unscored and identical answers and prompts with no
    verified answer or no allowed rejected one are dropped and counted; with ``pairs.step_pairs``, up to that
@@ -26,7 +27,7 @@ One step (the loop below, in this order):
 6. an optimizer step (OnDARE by default: alignment/merging.py);
 7. the new weights pushed into the sampler, so the next step samples from them.
 
-Deliberate simplifications: one pair per prompt; generation and training take turns on the same devices (no
+Deliberate simplifications: generation and training take turns on the same devices (no
 overlap); with several processes each samples its own share of prompts with its own engine.
 """
 
@@ -69,7 +70,7 @@ from alignment.evaluation import (
 from alignment.generation import GenerationConfig, SamplingConfig, make_generator
 from alignment.logprobs import TokenLogProbs
 from alignment.models import load_causal_lm, load_tokenizer, resolve_model
-from alignment.pair_selection import DROP_REASONS, PairSelectionConfig, select_pair, verified
+from alignment.pair_selection import DROP_REASONS, PairSelectionConfig, select_pairs, verified
 from alignment.preference import (
     METRICS,
     LossConfig,
@@ -332,18 +333,21 @@ def pick_pairs(
         texts, lengths = [a.text for a in group], [len(a.token_ids) for a in group]
         ok = None if passed is None else passed[k]
         rej = None if rejected_ok is None else rejected_ok[k]
-        sel = select_pair(s, texts, lengths, [a.finished for a in group], cfg, rng, ok, rej)
-        if sel.ok:
+        sels = select_pairs(s, texts, lengths, [a.finished for a in group], cfg, rng, ok, rej)
+        for sel in sels if sels[0].ok else []:
             pairs.append(PairSequences(
                 answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
                 answer_sequence(prompt_ids[i], group[sel.rejected].token_ids),
                 nll=sel.verified,
             ))  # fmt: skip
             margins.append(sel.margin)
-        else:
+        sel = sels[0]
+        if not sel.ok:
             drops[sel.reason] += 1
         rows.append({"prompt": i, "answers": texts, "scores": s, "chosen": sel.chosen,
                      "rejected": sel.rejected, "dropped": sel.reason, "verified": sel.verified})  # fmt: skip
+        if cfg.per_prompt > 1:
+            rows[-1]["more_pairs"] = [[x.chosen, x.rejected] for x in sels[1:]]
     return pairs, drops, margins, rows
 
 
@@ -395,6 +399,7 @@ def step_metrics(
         "max_sum": sum(max(p) for p in per_prompt if p), "min_sum": sum(min(p) for p in per_prompt if p),
         "prompts_scored": sum(1 for p in per_prompt if p), "margin_sum": sum(margins), "pairs": len(pairs),
         "unverified_pairs": sum(not p.nll for p in pairs), "step_pairs": n_steps,
+        "paired_prompts": len(idxs) - sum(drops.values()),
         "prompts": len(idxs), "answers": len(flat), "tokens": sum(len(a.token_ids) for _, a in flat),
         "clipped": sum(not a.finished for _, a in flat), **{f"drop_{r}": n for r, n in drops.items()},
         **{f"component/{lab}": sum(v for v in vs if v is not None) for lab, vs in components.items()},
@@ -406,7 +411,8 @@ def step_metrics(
         "objective/scores_max": total["max_sum"] / max(1, total["prompts_scored"]),
         "objective/scores_min": total["min_sum"] / max(1, total["prompts_scored"]),
         "objective/scores_margin": total["margin_sum"] / max(1, total["pairs"]),
-        "online/pair_fraction": total["pairs"] / total["prompts"],
+        "online/pair_fraction": total["paired_prompts"] / total["prompts"],
+        "online/pairs": total["pairs"],
         "online/dropped_ties": total["drop_tie"] + total["drop_small_margin"],
         "online/dropped_unscored": total["drop_unscored"],
         "online/dropped_identical": total["drop_identical"],
@@ -530,10 +536,14 @@ def main(argv: list[str] | None = None) -> None:
         passed = verdicts(components, cfg.pairs.chosen_must_pass, cfg.num_samples)
         rejected_ok = verdicts(components, cfg.pairs.rejected_must_pass, cfg.num_samples)
 
-        # 4. One pair per prompt, or a counted reason for none.
+        # 4. One pair per prompt (or pairs.per_prompt), or a counted reason for none.
         pairs, drops, margins, log_rows = pick_pairs(
             idxs, answers, scores, prompt_ids, cfg.pairs, rng, passed, rejected_ok
         )
+        per_prompt = {lab: split(v, cfg.num_samples) for lab, v in components.items()}
+        for k, (i, row) in enumerate(zip(idxs, log_rows)):  # samples.jsonl: which row, and each reward's part
+            row.update(source=prompts[i].source, messages=prompts[i].prompt, columns=prompts[i].columns,
+                       components={lab: v[k] for lab, v in per_prompt.items()})  # fmt: skip
 
         # 4b. Step pairs: at each answer's first wrong equation, the right number against the sampled one.
         steps = []
@@ -623,7 +633,7 @@ def _log_samples(accelerator, output_dir: str, step: int, rows: list[dict]) -> N
     """Every prompt's answers, scores and the chosen pair, one line per step: samples.jsonl."""
     if accelerator.is_main_process:
         with open(f"{output_dir}/samples.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "rows": rows}) + "\n")
+            f.write(json.dumps({"step": step, "rows": rows}, default=str) + "\n")
 
 
 if __name__ == "__main__":

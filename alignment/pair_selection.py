@@ -51,6 +51,15 @@ written equation holds) next to ``chosen_must_pass: [math, arithmetic]``, a pair
 wrong one whose arithmetic holds: the two differ in the plan (a wrong formula, a skipped step), not in a slipped
 digit. Pairs whose difference is a slipped number teach which digits follow which prefixes and cost greedy
 accuracy on this project's 135 M model (README, "What moved the numbers").
+
+``per_prompt`` > 1 (best_worst and best_random) takes more pairs from the same answers, a ladder:
+
+    pair 1 as above; pair k+1 by the same rule over the answers whose texts no earlier pair holds
+
+stopping at the first that fails or is verified otherwise than pair 1 (so a prompt with one right answer gives
+one pair, and unverified pairs never follow verified ones). With 8 answers, pair 2 is the second best against
+the second worst. The answers are sampled once either way; more pairs a step only average the step's
+gradient over more of them.
 """
 
 from __future__ import annotations
@@ -81,11 +90,19 @@ class PairSelectionConfig:
     # Per prompt, up to this many more pairs at the first wrong equation of a sampled answer: the right number
     # against the sampled one after the same prefix (alignment/step_pairs.py). 0: off.
     step_pairs: int = 0
+    # Up to this many pairs per prompt from its answers, none sharing an answer text (a ladder: see above).
+    per_prompt: int = 1
 
     def __post_init__(self) -> None:
         if min(self.min_margin, self.length_penalty, self.unfinished_penalty, self.step_pairs) < 0:
             raise ValueError(
                 "pairs.min_margin, length_penalty, unfinished_penalty and step_pairs must be >= 0"
+            )
+        if self.per_prompt < 1:
+            raise ValueError(f"pairs.per_prompt must be >= 1, got {self.per_prompt}")
+        if self.per_prompt > 1 and self.strategy == "greedy_anchor":
+            raise ValueError(
+                "pairs.per_prompt > 1 needs best_worst or best_random: greedy_anchor makes one pair"
             )
         for key in ("chosen_must_pass", "rejected_must_pass"):
             labels = getattr(self, key)
@@ -177,6 +194,32 @@ def select_pair(
     if eligible or cfg.unverified == "drop":
         return Selection(None, None, "unverified")
     return replace(sel, verified=False)
+
+
+def select_pairs(
+    scores: list[float | None],
+    texts: list[str],
+    lengths: list[int],
+    finished: list[bool],
+    cfg: PairSelectionConfig,
+    rng: random.Random,
+    passed: list[bool | None] | None = None,
+    rejected_ok: list[bool | None] | None = None,
+) -> list[Selection]:
+    """Up to ``cfg.per_prompt`` pairs of one prompt's answers: ``select_pair``'s, then the ladder over the
+    answers no earlier pair used (by text). The list holds one failed Selection, with its reason, when the
+    prompt gives no pair."""
+    first = select_pair(scores, texts, lengths, finished, cfg, rng, passed, rejected_ok)
+    out = [first]
+    used = {texts[first.chosen], texts[first.rejected]} if first.ok else set()
+    while first.ok and len(out) < cfg.per_prompt:
+        rest = [None if t in used else s for s, t in zip(scores, texts)]
+        sel = select_pair(rest, texts, lengths, finished, cfg, rng, passed, rejected_ok)
+        if not sel.ok or sel.verified != first.verified:
+            break
+        out.append(sel)
+        used |= {texts[sel.chosen], texts[sel.rejected]}
+    return out
 
 
 def _pair(chosen: int, rejected: int, adj, min_margin: float) -> Selection:

@@ -205,6 +205,12 @@ def test_a_chosen_answer_always_passed_the_verifier_and_prompts_without_one_are_
                 s == 1.0
                 for s in math([ex.prompt] * n, r["answers"], answer=[ex.columns["answer"]] * n).scores
             ]
+            # The log names its row of the prompt file and gives each reward's part of every answer's score.
+            assert (r["source"], r["messages"], r["columns"]) == (ex.source, ex.prompt, ex.columns)
+            path, line = r["source"].rsplit(": row ", 1)
+            row = json.loads(open(path).read().splitlines()[int(line) - 1])
+            assert row["prompt"] == r["messages"][-1]["content"] and row["answer"] == r["columns"]["answer"]
+            assert [s == 1.0 for s in r["components"]["math"]] == right
             if r["dropped"] is None:
                 assert right[r["chosen"]], r
             if not any(right):

@@ -14,7 +14,13 @@ from alignment.data import IGNORE
 from alignment.evaluation import answer_sequence
 from alignment.generation import Completion
 from alignment.online_dpo import pick_pairs
-from alignment.pair_selection import PairSelectionConfig, adjusted_scores, select_pair, verified
+from alignment.pair_selection import (
+    PairSelectionConfig,
+    adjusted_scores,
+    select_pair,
+    select_pairs,
+    verified,
+)
 from alignment.preference import LossConfig, Reference, preference_step
 
 TEXTS = ["a", "b", "c", "d"]
@@ -279,3 +285,73 @@ def test_an_unverified_pair_reaches_the_loss_without_the_nll_term():
     for p in pairs:
         p.nll = True
     assert step_loss(pairs) == pytest.approx(math.log(2) + 1, rel=1e-12)
+
+
+def ladder(scores, texts, passed=None, rejected_ok=None, seed=0, **cfg):
+    cfg = PairSelectionConfig(**cfg)
+    n = len(scores)
+    got = select_pairs(scores, texts, [10] * n, [True] * n, cfg, random.Random(seed), passed, rejected_ok)
+    return [(s.chosen, s.rejected, s.reason) for s in got]
+
+
+def test_per_prompt_takes_a_ladder_of_pairs_over_answers_no_earlier_pair_used():
+    s = [0.9, 0.1, 0.5, 0.7, 0.3, 0.2]
+    texts = ["a", "b", "c", "d", "e", "f"]
+    # Best 0.9 (0) vs worst 0.1 (1); then 0.7 (3) vs 0.2 (5); then 0.5 (2) vs 0.3 (4).
+    assert ladder(s, texts, per_prompt=3) == [(0, 1, None), (3, 5, None), (2, 4, None)]
+    assert ladder(s, texts, per_prompt=2) == [(0, 1, None), (3, 5, None)]
+    assert ladder(s, texts, per_prompt=1) == [(0, 1, None)]  # the default: select_pair's one pair
+    assert ladder(s, texts, per_prompt=9) == ladder(s, texts, per_prompt=3)  # 6 answers make 3 pairs at most
+    # An answer whose text an earlier pair holds is never used again: "d" (3) is the text of answer 0, so the
+    # second pair is 2 vs 5, and the third would be 4 alone: no pair.
+    assert ladder(s, ["a", "b", "c", "a", "e", "f"], per_prompt=3) == [(0, 1, None), (2, 5, None)]
+    # A tie ends the ladder: after (0, 1) the rest score 0.5 each.
+    assert ladder([0.9, 0.1, 0.5, 0.5], texts[:4], per_prompt=3) == [(0, 1, None)]
+    # A prompt with no pair: one failed selection with its reason, as select_pair gives it.
+    assert ladder([0.5, 0.5, 0.5], texts[:3], per_prompt=3) == [(None, None, "tie")]
+
+
+def test_per_prompt_keeps_every_pair_verified_and_each_rejected_answer_allowed():
+    s = [3.0, 2.5, 2.0, 1.0, 0.5, 0.0]
+    texts = ["a", "b", "c", "d", "e", "f"]
+    cfg = dict(chosen_must_pass=["math"], unverified="judge", per_prompt=3)
+    # Two right answers (0, 2): the ladder stops where no right answer is left, never making an unverified
+    # pair after a verified one (pair 3 would be 1 vs 4 by score alone).
+    passed = [True, False, True, False, False, False]
+    assert ladder(s, texts, passed, **cfg) == [(0, 5, None), (2, 4, None)]
+    # Answers 4 and 5 may not be rejected: the first rung rejects 3; the second would reject 1, which scores
+    # above 2 (2.5 against 2.0), a negative margin, so the ladder ends.
+    rejected_ok = [True, True, True, True, False, False]
+    assert ladder(s, texts, passed, rejected_ok, **cfg) == [(0, 3, None)]
+    assert ladder([3.0, 1.5, 2.0, 1.0, 0.5, 0.0], texts, passed, rejected_ok, **cfg) == [
+        (0, 3, None),
+        (2, 1, None),
+    ]
+    # No right answer at all: every pair is an unverified one, by score.
+    assert ladder(s, texts, [False] * 6, **cfg) == [(0, 5, None), (1, 4, None), (2, 3, None)]
+
+
+def test_per_prompt_above_one_is_refused_for_greedy_anchor_and_below_one_always():
+    with pytest.raises(ValueError, match="per_prompt"):
+        PairSelectionConfig(strategy="greedy_anchor", per_prompt=2)
+    with pytest.raises(ValueError, match="per_prompt"):
+        PairSelectionConfig(per_prompt=0)
+
+
+def test_pick_pairs_trains_on_every_rung_and_counts_a_prompt_once():
+    def group(*token_lists):
+        return [Completion(f"answer {t}", t, True) for t in token_lists]
+
+    answers = [group([5], [6], [7], [8]), group([9], [10], [11], [12])]
+    scores = [[4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]]  # prompt 1: all tied
+    cfg = PairSelectionConfig(per_prompt=2)
+    pairs, drops, margins, rows = pick_pairs([0, 1], answers, scores, [[1], [2]], cfg, random.Random(0))
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        (answer_sequence([1], [5]), answer_sequence([1], [8])),
+        (answer_sequence([1], [6]), answer_sequence([1], [7])),
+    ]
+    assert margins == [3.0, 1.0] and drops["tie"] == 1
+    assert [(r["chosen"], r["rejected"], r["more_pairs"]) for r in rows] == [
+        (0, 3, [[1, 2]]),
+        (None, None, []),
+    ]
