@@ -387,6 +387,35 @@ def test_step_pairs_join_the_step_and_are_logged(tmp_path, monkeypatch):
     assert "step_pairs" not in json.loads(open(plain / "samples.jsonl").readline())["rows"][0]
 
 
+class LadderSampler(ScriptedSampler):
+    """Every prompt gets four answers whose AsciiShare scores are 1, 0.75, 0.5 and 0.25."""
+
+    TEXTS = ["abcd", "abc.", "ab..", "a..."]
+
+
+def test_pairs_per_prompt_trains_on_a_ladder_and_counts_each_prompt_once(tmp_path, monkeypatch):
+    import alignment.online_dpo as od
+
+    monkeypatch.setattr(od, "make_generator", lambda cfg, path, tok, *a, **k: LadderSampler(tok))
+    args = ["training.max_steps=2", "eval.at_start=false", "eval.at_end=false", "sync_check_steps=0",
+            "pairs.length_penalty=0", "pairs.unfinished_penalty=0"]  # fmt: skip
+    ladder = run(tmp_path, "ladder", *args, "pairs.per_prompt=2")
+    one = run(tmp_path, "one", *args)
+    m2 = [x for x in read_metrics(ladder) if "loss" in x]
+    m1 = [x for x in read_metrics(one) if "loss" in x]
+    # 4 prompts a step: (0, 3) with margin 0.75, then (1, 2) with margin 0.25; one pair a prompt: (0, 3) alone.
+    assert [(x["online/pairs"], x["online/pair_fraction"]) for x in m2] == [(8, 1.0), (8, 1.0)]
+    assert [(x["online/pairs"], x["online/pair_fraction"]) for x in m1] == [(4, 1.0), (4, 1.0)]
+    assert [x["objective/scores_margin"] for x in m2] == pytest.approx([0.5, 0.5])
+    assert [x["objective/scores_margin"] for x in m1] == pytest.approx([0.75, 0.75])
+    rows = [r for line in open(ladder / "samples.jsonl") for r in json.loads(line)["rows"]]
+    assert len(rows) == 8 and all(
+        (r["chosen"], r["rejected"], r["more_pairs"]) == (0, 3, [[1, 2]]) for r in rows
+    )
+    assert "more_pairs" not in json.loads(open(one / "samples.jsonl").readline())["rows"][0]
+    assert [x["loss"] for x in m2] != pytest.approx([x["loss"] for x in m1])  # the second rung is in the loss
+
+
 def test_the_end_is_compared_with_the_saved_start_and_other_prompts_are_not(tmp_path, capsys):
     from alignment.online_dpo import compare_to_start
     from alignment.report import describe_change
