@@ -334,7 +334,7 @@ def pick_pairs(
         ok = None if passed is None else passed[k]
         rej = None if rejected_ok is None else rejected_ok[k]
         sels = select_pairs(s, texts, lengths, [a.finished for a in group], cfg, rng, ok, rej)
-        for sel in sels if sels[0].ok else []:
+        for sel in (x for x in sels if x.ok):  # every rung, or none: a failed prompt is one failed Selection
             pairs.append(PairSequences(
                 answer_sequence(prompt_ids[i], group[sel.chosen].token_ids),
                 answer_sequence(prompt_ids[i], group[sel.rejected].token_ids),
@@ -540,10 +540,10 @@ def main(argv: list[str] | None = None) -> None:
         pairs, drops, margins, log_rows = pick_pairs(
             idxs, answers, scores, prompt_ids, cfg.pairs, rng, passed, rejected_ok
         )
-        per_prompt = {lab: split(v, cfg.num_samples) for lab, v in components.items()}
+        parts = {lab: split(v, cfg.num_samples) for lab, v in components.items()}
         for k, (i, row) in enumerate(zip(idxs, log_rows)):  # samples.jsonl: which row, and each reward's part
             row.update(source=prompts[i].source, messages=prompts[i].prompt, columns=prompts[i].columns,
-                       components={lab: v[k] for lab, v in per_prompt.items()})  # fmt: skip
+                       components={lab: v[k] for lab, v in parts.items()})  # fmt: skip
 
         # 4b. Step pairs: at each answer's first wrong equation, the right number against the sampled one.
         steps = []
